@@ -1,0 +1,156 @@
+"""Training-step throughput: packed NaViT vs the same images padded to 48x48 vs a 32x32 batch.
+
+One run, one model, the same images: every variant does full training steps (forward,
+backward, AdamW) and we count *real* patch tokens per second (padding excluded; CLS tokens
+are not counted either).
+
+  packed   : the default training mix (sides 16..48 step 4, h and w independent) packed
+             into B sequences of L tokens with the StreamPacker used for training;
+  pad48    : the same images, each zero-padded to 48x48 (145 tokens with CLS), one per sequence;
+  fixed32  : a batch of 32x32 images (65 tokens with CLS), the classic CIFAR ViT step.
+
+    python bench/throughput.py                          # fp32, CPU
+    python bench/throughput.py --mixed-precision bf16   # bf16 autocast (attention in fp32)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from navit_pe import NaViT
+from navit_pe.packing import StreamPacker, pack
+
+
+def default_mix(n: int, seed: int, lo=16, hi=48, step=4) -> list[torch.Tensor]:
+    rng = random.Random(seed)
+    sides = list(range(lo, hi + 1, step))
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, rng.choice(sides), rng.choice(sides), generator=g) for _ in range(n)]
+
+
+def pad_to(img: torch.Tensor, side: int) -> torch.Tensor:
+    return F.pad(img, (0, side - img.shape[2], 0, side - img.shape[1]))
+
+
+def time_steps(model, batches, opt, device, amp, warmup: int) -> list[float]:
+    """Seconds per training step for each batch after `warmup` untimed steps."""
+    times = []
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(batch)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pos-embed", default="sincos")
+    ap.add_argument("--seqs", type=int, default=32, help="packed sequences per step (B)")
+    ap.add_argument("--max-seq-len", type=int, default=256, help="packed sequence length (L)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, amp = torch.device(args.device), args.mixed_precision == "bf16"
+    torch.manual_seed(args.seed)
+
+    # one model and one optimizer state for every variant (reset between variants)
+    model = NaViT(args.pos_embed, dropout=args.dropout).to(device).train()
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_steps = args.steps + args.warmup
+
+    # the packed batches: stream the default mix through the training packer
+    images = default_mix(args.seqs * 8 * (n_steps + 6), args.seed)
+    labels = [i % 10 for i in range(len(images))]
+    packer = StreamPacker(4, args.max_seq_len, args.seqs, buffer_size=4 * args.seqs * 4, cls_token=True)
+    packed = []
+    used = 0  # the images consumed by the packed steps, so the padded variant sees the same ones
+    for b in packer(zip(images, labels)):
+        packed.append(b)
+        if len(packed) == n_steps:
+            break
+    packed_ids = sum(b.num_images for b in packed)
+    per_step = round(packed_ids / n_steps)
+
+    # pad-to-max: the packed steps' images in order, each padded to 48x48, per_step images a step
+    # (we re-collect them from the packed batches so that exactly the same images are used)
+    same = []
+    for b in packed:
+        for i in range(b.num_images):
+            sel = (b.image_ids == i) & ~b.is_cls
+            h, w = b.image_grids()[i].tolist()
+            img = b.patches[sel].reshape(h, w, 3, 4, 4).permute(2, 0, 3, 1, 4).reshape(3, 4 * h, 4 * w)
+            same.append((img, int(b.labels[i])))
+    pad48 = []
+    for s in range(n_steps):
+        chunk = same[s * per_step:(s + 1) * per_step]
+        pad48.append((pack([pad_to(im, 48) for im, _ in chunk], 4, 145, [l for _, l in chunk], cls_token=True),
+                      sum(im.shape[1] * im.shape[2] // 16 for im, _ in chunk)))
+    fixed32 = [pack([torch.randn(3, 32, 32) for _ in range(128)], 4, 65, [i % 10 for i in range(128)],
+                    cls_token=True) for _ in range(n_steps)]
+
+    variants = {
+        "packed": (packed, [int(b.is_patch.sum()) for b in packed]),
+        "pad48": ([b for b, _ in pad48], [r for _, r in pad48]),
+        "fixed32": (fixed32, [128 * 64] * n_steps),
+    }
+    results = {}
+    for name, (batches, real) in variants.items():
+        model.load_state_dict(init_state)
+        opt = torch.optim.AdamW(model.param_groups(1e-3), lr=5e-4)
+        times = time_steps(model, batches, opt, device, amp, args.warmup)
+        tok = [r / t for r, t in zip(real[args.warmup:], times)]
+        imgs = [b.num_images / t for b, t in zip(batches[args.warmup:], times)]
+        eff = statistics.mean(b.efficiency() for b in batches)
+        results[name] = dict(step_ms=1e3 * statistics.mean(times), step_ms_std=1e3 * statistics.pstdev(times),
+                             real_tokens_per_s=statistics.mean(tok), real_tokens_per_s_std=statistics.pstdev(tok),
+                             images_per_s=statistics.mean(imgs), shape=list(batches[0].shape),
+                             images_per_step=statistics.mean(b.num_images for b in batches),
+                             efficiency=eff)
+    r = results
+    ratios = {"packed_vs_pad48": r["packed"]["real_tokens_per_s"] / r["pad48"]["real_tokens_per_s"],
+              "packed_vs_fixed32": r["packed"]["real_tokens_per_s"] / r["fixed32"]["real_tokens_per_s"]}
+    info = dict(device=str(device), cpu=platform.processor() or platform.machine(),
+                torch=torch.__version__, threads=torch.get_num_threads(), args=vars(args))
+    print(f"{'variant':8} {'shape [B,L]':>12} {'img/step':>8} {'eff':>6} {'step ms':>14} "
+          f"{'real tok/s':>16} {'img/s':>8}")
+    for name, v in results.items():
+        print(f"{name:8} {str(v['shape']):>12} {v['images_per_step']:8.1f} {v['efficiency']:6.1%} "
+              f"{v['step_ms']:8.1f} ± {v['step_ms_std']:4.1f} {v['real_tokens_per_s']:9.0f} ± "
+              f"{v['real_tokens_per_s_std']:5.0f} {v['images_per_s']:8.1f}")
+    print(f"packed / pad48   real tokens/s: {ratios['packed_vs_pad48']:.2f}x  (target >= 2.0)")
+    print(f"packed / fixed32 real tokens/s: {ratios['packed_vs_fixed32']:.2f}x  (target >= 0.9)")
+    print(f"{info['device']}, torch {info['torch']}, {info['threads']} threads, {args.mixed_precision}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(results=results, ratios=ratios, info=info), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Evaluate trained runs on the CIFAR test split at many resolutions (unseen ones included).
+
+    python eval_resolutions.py runs/rope_16-48 runs/sincos_32               # default sweep
+    python eval_resolutions.py runs/rope_16-48/checkpoints/step_00001000    # a checkpoint
+    python eval_resolutions.py RUN --res 16,32,48 --aspect 16x32,32x16 --plots --out results/eval
+    accelerate launch --num_processes 2 --cpu eval_resolutions.py RUN ...   # counts merged over ranks
+
+Writes to --out: accuracy.md (the table, also printed), accuracy.csv, accuracy.json (counts per
+cell and each run's metadata), accuracy.png, and with --plots learned_<run>.png per run.
+Bad input prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, label_runs, load_run, markdown_table,
+                            parse_hw, parse_sides, run_sweep, write_outputs)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories or RUN/checkpoints/step_* directories")
+    ap.add_argument("--res", default=",".join(map(str, DEFAULT_SIDES)),
+                    help="comma list of square sides in px (default: %(default)s)")
+    ap.add_argument("--aspect", default=",".join(f"{h}x{w}" for h, w in DEFAULT_ASPECTS),
+                    help="comma list of non-square HxW in px, '' for none (default: %(default)s)")
+    ap.add_argument("--data-root", default=None, help="prepared data root (default: each run's data_root)")
+    ap.add_argument("--out", default="results/eval", help="output directory (default: %(default)s)")
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="tokens per packed sequence (default: the run's; raised where a resolution needs it)")
+    ap.add_argument("--tokens-per-batch", type=int, default=None,
+                    help="tokens per eval batch (default: as train.py evaluated the run)")
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    ap.add_argument("--plots", action="store_true", help="also draw what each encoding learned")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    main_proc = accelerator.is_main_process
+    try:
+        resolutions = parse_sides(args.res) + parse_hw(args.aspect)
+        if not resolutions:
+            raise SweepError("no resolutions to evaluate (--res and --aspect are both empty)")
+        runs = [load_run(p) for p in args.runs]
+        label_runs(runs)
+        sweep = run_sweep(runs, resolutions, accelerator=accelerator, data_root=args.data_root,
+                          max_seq_len=args.max_seq_len, tokens_per_batch=args.tokens_per_batch,
+                          num_workers=args.num_workers, progress=main_proc)
+        if main_proc:
+            out = Path(args.out)
+            paths = write_outputs(sweep, out)
+            print(markdown_table(sweep), end="")
+            written = [paths[k] for k in ("md", "csv", "json", "png")]
+            if args.plots:
+                from navit_pe.visualize import plot_learned
+
+                for r in runs:
+                    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label).strip("_")
+                    written.append(plot_learned(r.model, out / f"learned_{slug}.png", title=r.label))
+            print("wrote " + ", ".join(str(p) for p in written))
+    except SweepError as e:
+        if main_proc:
+            print(f"eval_resolutions.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an unwritable --out
+        if main_proc:
+            print(f"eval_resolutions.py: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    finally:
+        accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

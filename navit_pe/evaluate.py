@@ -1,0 +1,59 @@
+"""Test accuracy of a packed model at one resolution, counted once per image across ranks.
+
+Used by train.py at the end of every epoch and by eval_resolutions.py, so both report the
+same number for the same model and resolution (same data, same packing, same code path).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.data import DataLoader
+
+from .model import NaViT
+from .stages import EvalStream
+
+
+def seq_len_for(size: tuple[int, int], patch_size: int, max_seq_len: int, cls_token: bool) -> int:
+    """`max_seq_len`, raised where one image of `size` needs more tokens."""
+    need = (size[0] // patch_size) * (size[1] // patch_size) + int(cls_token)
+    return max(max_seq_len, need)
+
+
+@torch.no_grad()
+def evaluate(model: NaViT, root, size: tuple[int, int], *, tokens_per_batch: int = 8192,
+             max_seq_len: int | None = None, accelerator=None, mixed_precision: str = "no",
+             num_workers: int = 0, split: str = "test") -> tuple[int, int]:
+    """(correct, total) over the whole `split`, every image resized to `size` = (h, w).
+
+    Under Accelerate each rank reads its own part of the test set and the counts are summed
+    (packed batches hold different numbers of images, so we reduce counts, never gather
+    predictions). `max_seq_len` is raised automatically when one image needs more tokens.
+    """
+    cfg = model.config
+    p = cfg.patch_size
+    if size[0] % p or size[1] % p or min(size) < p:
+        raise ValueError(f"resolution {size[0]}x{size[1]} is not a positive multiple of the patch size {p}")
+    cls = cfg.pool == "cls"
+    L = seq_len_for(size, p, max_seq_len or cfg.max_seq_len, cls)
+    stream = EvalStream(root, size, p, L, max(1, tokens_per_batch // L), cls, split=split)
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16"
+                else contextlib.nullcontext())
+    correct = total = 0
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast:
+                logits = model(batch)
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+            total += batch.num_images
+    finally:
+        model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:
+        counts = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum")
+        correct, total = (int(x) for x in counts.tolist())
+    return correct, total

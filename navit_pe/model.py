@@ -1,0 +1,272 @@
+"""The packed Vision Transformer (NaViT): blocks, block-diagonal attention, per-image pooling.
+
+`NaViT.forward` reads a PackedBatch (or packs a list of images itself) and returns one row
+of logits per image, in image-id order. The positional encoding plugs in through the three
+hooks of `navit_pe.posenc.base.PosEncoding`: an additive token embedding, an additive
+attention bias, and a rotation of q and k.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import NaViTConfig
+from .packing import PackedBatch, drop_tokens, pack
+from .posenc import PosContext, PosEncoding, build_posenc
+
+
+# ----------------------------------------------------------------------------- dropout
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout with a byte-resolution mask drawn as raw random bits.
+
+    `nn.Dropout` draws one float per element, which on CPU costs about as much as the rest of
+    a small ViT step. Here eight mask bytes come from each random int64 and an element is
+    dropped when its byte < round(p * 256), so the drop rate is p rounded to 1/256 (0.1 ->
+    26/256 = 0.1016) and the survivors are scaled by the matching 1 / (1 - p').
+    """
+    if not training or p <= 0:
+        return x
+    threshold = round(p * 256)
+    if threshold <= 0:
+        return x
+    if threshold >= 256:
+        return torch.zeros_like(x)
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+    keep = bits.view(torch.uint8)[:n].view(x.shape) >= threshold
+    return x * keep.to(x.dtype) * (256.0 / (256 - threshold))
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# ----------------------------------------------------------------------------- blocks
+class Attention(nn.Module):
+    def __init__(self, cfg: NaViTConfig, layer: int):
+        super().__init__()
+        self.heads, self.layer = cfg.heads, layer
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext) -> Tensor:
+        # project, split heads; attention itself runs in fp32 (bf16 SDPA backward is slow on CPU)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).float()
+        # positional hooks: rotate q and k, then an additive bias on the logits
+        q, k = pe.rotate(q, k, ctx, self.layer)
+        bias = pe.attn_bias(q, ctx, self.layer)
+        if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if bias is not None:
+                scores = scores + bias
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            out = probs @ v + pe.attn_value(probs, ctx, self.layer)
+        else:
+            attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # merge heads, project back
+        out = rearrange(out, "b h n d -> b n (h d)").to(x.dtype)
+        return self.drop(self.proj(out))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, hidden), nn.Linear(hidden, cfg.dim)
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: NaViTConfig, layer: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(cfg.dim), Attention(cfg, layer)
+        self.norm2, self.mlp = nn.LayerNorm(cfg.dim), MLP(cfg)
+
+    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask, pe, ctx)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- pooling
+def segment_mean(x: Tensor, ids: Tensor, n: int) -> Tensor:
+    """x [T, D], ids [T] in 0..n-1 -> [n, D] mean over each id's rows."""
+    out = torch.zeros(n, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, ids, x)
+    count = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
+    return out / count[:, None]
+
+
+class AttentionPool(nn.Module):
+    """One learned query per image attends over that image's patch tokens (multi-head)."""
+
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.query = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim) * 0.02)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: Tensor, ids: Tensor, n: int) -> Tensor:
+        # x [T, D] tokens of all images, ids [T]: a softmax over each image's tokens
+        k, v = rearrange(self.kv(x), "t (two h d) -> two t h d", two=2, h=self.heads).float()
+        logits = (k * self.query).sum(-1) * k.shape[-1] ** -0.5  # [T, h]
+        idx = ids[:, None].expand_as(logits)
+        peak = torch.full((n, self.heads), float("-inf"), device=x.device).scatter_reduce(
+            0, idx, logits, reduce="amax", include_self=True)
+        w = (logits - peak[ids]).exp()
+        denom = torch.zeros(n, self.heads, device=x.device).index_add_(0, ids, w)
+        w = w / denom[ids]
+        out = torch.zeros(n, self.heads, v.shape[-1], device=x.device).index_add_(0, ids, w[..., None] * v)
+        return self.proj(rearrange(out, "n h d -> n (h d)").to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- the model
+class NaViT(nn.Module):
+    """A ViT over packed sequences. `NaViT(pos_embed="rope", dim=192, ...)` or `NaViT(config)`."""
+
+    def __init__(self, pos_embed: str | NaViTConfig = "sincos", **kwargs):
+        super().__init__()
+        cfg = pos_embed if isinstance(pos_embed, NaViTConfig) else NaViTConfig(pos_embed=pos_embed, **kwargs)
+        cfg.validate()
+        self.config = cfg
+        patch_dim = cfg.channels * cfg.patch_size ** 2
+        self.patch_embed = nn.Linear(patch_dim, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "cls" else None
+        self.pos = build_posenc(cfg.pos_embed, cfg)
+        self.drop = Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.attn_pool = AttentionPool(cfg) if cfg.pool == "attn" else None
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.token_drop: float = 0.0  # fraction of patches dropped per image, training mode only
+        self.apply(self._init_weights)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- input handling
+    def pack(self, images: Sequence[Tensor], labels=None) -> PackedBatch:
+        """Pack a list of images [C, H, W] the way this model expects (CLS slots for pool=cls)."""
+        cfg = self.config
+        return pack(images, cfg.patch_size, cfg.max_seq_len, labels, cls_token=cfg.pool == "cls")
+
+    def _check(self, batch: PackedBatch) -> None:
+        cfg = self.config
+        p_dim = cfg.channels * cfg.patch_size ** 2
+        if batch.patches.shape[-1] != p_dim:
+            raise ValueError(f"patches have {batch.patches.shape[-1]} values, the model expects "
+                             f"{p_dim} (channels={cfg.channels}, patch_size={cfg.patch_size})")
+        n_cls = int(batch.is_cls.sum())
+        if cfg.pool == "cls" and n_cls != batch.num_images:
+            raise ValueError(f"pool='cls' needs one CLS slot per image; the batch has {n_cls} for "
+                             f"{batch.num_images} images (pack with cls_token=True)")
+        if cfg.pool != "cls" and n_cls:
+            raise ValueError(f"pool={cfg.pool!r} takes batches packed without CLS slots (cls_token=False)")
+
+    # -- forward
+    def forward(self, x: PackedBatch | Sequence[Tensor]) -> Tensor:
+        batch = x if isinstance(x, PackedBatch) else self.pack(x)
+        self._check(batch)
+        if self.training and self.token_drop > 0:
+            batch = drop_tokens(batch, self.token_drop)
+        n = batch.num_images
+        ctx = PosContext(batch.coords, batch.grid, batch.is_cls, batch.image_ids)
+        # embed patches; the CLS slots take the learned CLS token
+        h = self.patch_embed(batch.patches)
+        if self.cls_token is not None:
+            h = torch.where(batch.is_cls.unsqueeze(-1), self.cls_token.to(h.dtype), h)
+        # additive positional embedding (zero for encodings that act inside attention)
+        emb = self.pos.embed(ctx)
+        if emb is not None:
+            h = h + emb.to(h.dtype)
+        h = self.drop(h)
+        # transformer blocks, attention block-diagonal over images
+        mask = batch.attention_mask()
+        for block in self.blocks:
+            h = block(h, mask, self.pos, ctx)
+        h = self.norm(h)
+        # pool each image on its own, in image-id order
+        return self.head(self._pool(h, batch, n))
+
+    def _pool(self, h: Tensor, batch: PackedBatch, n: int) -> Tensor:
+        pool = self.config.pool
+        if pool == "cls":
+            out = torch.empty(n, h.shape[-1], dtype=h.dtype, device=h.device)
+            out[batch.image_ids[batch.is_cls]] = h[batch.is_cls]
+            return out
+        sel = batch.is_patch
+        tokens, ids = h[sel], batch.image_ids[sel]
+        if pool == "mean":
+            return segment_mean(tokens, ids, n)
+        return self.attn_pool(tokens, ids, n)
+
+    # -- optimisation helpers
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on norms, biases, the CLS token, pooling query, RoPE frequencies."""
+        no_decay_pos = {f"pos.{n}" for n in self.pos.no_weight_decay()}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name in no_decay_pos or name in ("cls_token", "attn_pool.query"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def num_params(self, only_pos: bool = False) -> int:
+        mod = self.pos if only_pos else self
+        return sum(p.numel() for p in mod.parameters())
+
+    # -- save / load
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = out / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(out / "model.safetensors")
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        tmp.replace(out / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu") -> "NaViT":
+        """Rebuild a model from `config.json` and `model.safetensors` in `run_dir` alone."""
+        from safetensors.torch import load_file
+
+        run = Path(run_dir)
+        model = cls(NaViTConfig.load(run / "config.json"))
+        model.load_state_dict(load_file(str(run / "model.safetensors"), device=map_location))
+        return model

@@ -1,0 +1,82 @@
+"""The one interface every positional encoding implements.
+
+A transformer can learn position at three points, and every encoding uses one or more:
+1. `embed(ctx)`            -> [B, L, dim] added to the tokens before the first block;
+2. `attn_bias(q, ctx, i)`  -> [B, heads, L, L] added to the attention logits of block i;
+3. `rotate(q, k, ctx, i)`  -> (q, k) rotated before the logits of block i are taken.
+An encoding whose bias also has a value part (Shaw et al.'s relative encoding) sets
+`value_term = True` and implements `attn_value(probs, ctx, i)`; attention then runs the
+explicit softmax path instead of `F.scaled_dot_product_attention`.
+
+All hooks receive a `PosContext` built once per forward from the PackedBatch, so they work
+inside packed sequences and on any grid: coordinates and grids come from the data, nothing
+is precomputed for a fixed size. Per-forward tensors an encoding derives (rotation angles,
+clamped distance indices) go into `ctx.cache` and are shared by all blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import NaViTConfig
+
+
+@dataclass
+class PosContext:
+    coords: Tensor  # [B, L, 2] long (row, col) of each patch; 0 on CLS and padding
+    grid: Tensor  # [B, L, 2] long (h, w) of the token's image, in patches; 0 on padding
+    is_cls: Tensor  # [B, L] bool, the CLS slot of each image
+    image_ids: Tensor  # [B, L] long, -1 on padding
+    cache: dict = field(default_factory=dict)  # per-forward values shared across blocks
+
+    @property
+    def is_patch(self) -> Tensor:
+        return (self.image_ids >= 0) & ~self.is_cls
+
+
+class PosEncoding(nn.Module):
+    """Base class: by default every hook is the identity, i.e. no position at all."""
+
+    name: ClassVar[str] = ""
+    cls_handling: ClassVar[str] = ""  # one line for the README: what happens to the CLS token
+    uses_embed: ClassVar[bool] = False  # which hooks this encoding implements
+    uses_bias: ClassVar[bool] = False
+    uses_rotate: ClassVar[bool] = False
+    value_term: ClassVar[bool] = False
+
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def embed(self, ctx: PosContext) -> Tensor | None:
+        return None
+
+    def attn_bias(self, q: Tensor, ctx: PosContext, layer: int) -> Tensor | None:
+        return None
+
+    def rotate(self, q: Tensor, k: Tensor, ctx: PosContext, layer: int) -> tuple[Tensor, Tensor]:
+        return q, k
+
+    def attn_value(self, probs: Tensor, ctx: PosContext, layer: int) -> Tensor:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters to exclude from weight decay."""
+        return set()
+
+
+def zero_cls_and_padding(emb: Tensor, ctx: PosContext) -> Tensor:
+    """Additive encodings give CLS and padding no position (CLS is a learned token already)."""
+    return emb * ctx.is_patch.unsqueeze(-1).to(emb.dtype)
+
+
+def sincos_1d(pos: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """pos [...] (float) -> [..., dim]: [sin(pos * w_0..w_{dim/2-1}), cos(pos * w_0..)],
+    w_k = base^(-k / (dim/2)). The 1-D building block of the MAE-style 2-D table."""
+    half = dim // 2
+    omega = base ** (-torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    ang = pos.double().unsqueeze(-1) * omega
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).float()

@@ -1,0 +1,100 @@
+"""The pipeline stages after the reader: transform each image to its size, then pack.
+
+    reader (PIL, label) -> transformed(...) -> (tensor [3, h, w], label) -> packed(...) -> PackedBatch
+
+Both are plain generator stages (iterator in, iterator out), so they compose with a
+webdataset pipeline (`reader.compose(transformed(...), packed(...))`) or any iterator.
+`TrainStream` / `EvalStream` wrap the whole chain as torch IterableDatasets for a DataLoader.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+
+from .data import DataError, make_dataset
+from .packing import PackedBatch, StreamPacker
+from .transforms import EvalTransform, ResolutionSampler, TrainTransform
+
+
+def transformed(fn: Callable[[Image.Image, random.Random], Tensor], seed: str
+                ) -> Callable[[Iterable], Iterator[tuple[Tensor, int]]]:
+    """Stage: (PIL, label) -> (fn(img, rng), label). The rng is seeded by `seed` plus this
+    process's rank and DataLoader worker, so a stream is reproducible from its seed alone."""
+    def stage(samples: Iterable[tuple[Image.Image, int]]) -> Iterator[tuple[Tensor, int]]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{seed}/{rank}/{worker}")
+        for img, label in samples:
+            yield fn(img, rng), label
+    return stage
+
+
+def packed(patch_size: int, max_seq_len: int, batch_seqs: int, buffer_size: int = 512,
+           cls_token: bool = True, fixed_batches: bool = True
+           ) -> Callable[[Iterable], Iterator[PackedBatch]]:
+    """Stage: (tensor [C, H, W], label) -> fixed-shape PackedBatches [batch_seqs, max_seq_len]."""
+    return StreamPacker(patch_size, max_seq_len, batch_seqs, buffer_size=buffer_size,
+                        cls_token=cls_token, fixed_batches=fixed_batches)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """An endless stream of training batches for one epoch of one rank.
+
+    Images: this rank's shards (shuffled by seed and epoch), augmented, resized to a size drawn
+    from `sampler`, packed. When the rank's part of the data is used up the stream goes on over
+    it again with a new shuffle, so every rank can take the same number of steps whatever its
+    packing; the trainer takes `steps_per_epoch` batches and stops.
+    """
+
+    def __init__(self, root, sampler: ResolutionSampler, transform: TrainTransform, patch_size: int,
+                 max_seq_len: int, batch_seqs: int, cls_token: bool, seed: int, epoch: int,
+                 buffer_size: int = 512, shuffle_buffer: int = 2000):
+        super().__init__()
+        self.root, self.sampler, self.transform = root, sampler, transform
+        self.patch_size, self.max_seq_len, self.batch_seqs = patch_size, max_seq_len, batch_seqs
+        self.cls_token, self.seed, self.epoch = cls_token, seed, epoch
+        self.buffer_size, self.shuffle_buffer = buffer_size, shuffle_buffer
+
+    def _images(self) -> Iterator[tuple[Image.Image, int]]:
+        for rep in range(1 << 30):
+            n = 0
+            reader = make_dataset(self.root, "train", shuffle=True, seed=self.seed,
+                                  shuffle_buffer=self.shuffle_buffer, epoch=self.epoch * 1000 + rep)
+            for sample in reader:
+                n += 1
+                yield sample
+            if n == 0:
+                raise DataError(f"this process got no training images from {self.root}")
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        def augment(img: Image.Image, rng: random.Random) -> Tensor:
+            return self.transform(img, rng, self.sampler.sample(rng))
+
+        stages = [transformed(augment, f"train/{self.seed}/{self.epoch}"),
+                  packed(self.patch_size, self.max_seq_len, self.batch_seqs, self.buffer_size, self.cls_token)]
+        it: Iterable = self._images()
+        for stage in stages:
+            it = stage(it)
+        return iter(it)
+
+
+class EvalStream(torch.utils.data.IterableDataset):
+    """Every test image of this rank once, resized to `size` (h, w), packed as in training."""
+
+    def __init__(self, root, size: tuple[int, int], patch_size: int, max_seq_len: int,
+                 batch_seqs: int, cls_token: bool, split: str = "test", buffer_size: int = 512):
+        super().__init__()
+        self.root, self.size, self.split = root, size, split
+        self.patch_size, self.max_seq_len, self.batch_seqs = patch_size, max_seq_len, batch_seqs
+        self.cls_token, self.buffer_size = cls_token, buffer_size
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        transform = EvalTransform()
+        reader = make_dataset(self.root, self.split, shuffle=False)
+        it = transformed(lambda img, rng: transform(img, self.size), "eval")(reader)
+        return iter(packed(self.patch_size, self.max_seq_len, self.batch_seqs, self.buffer_size,
+                           self.cls_token, fixed_batches=False)(it))

@@ -1,0 +1,338 @@
+"""Evaluate trained runs on a sweep of resolutions; write the table, CSV, JSON and plot.
+
+    runs = [load_run(p) for p in paths]        # run dirs or RUN/checkpoints/step_* dirs
+    sweep = run_sweep(runs, resolutions, accelerator=acc)
+    write_outputs(sweep, out_dir)             # accuracy.{md,csv,json,png}
+
+A cell is (correct, total) over the whole test split with every image resized to (h, w) and
+packed as in training (`navit_pe.evaluate.evaluate`), so the cell at a run's eval_res equals
+train.py's own final test accuracy. Bad input raises `SweepError` (one line for the CLI).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import NaViTConfig
+from .data import DataError, ensure_prepared
+from .evaluate import evaluate
+from .model import NaViT
+from .trainer import mean_tokens
+from .transforms import ResolutionSampler, parse_aspect, parse_res
+
+Res = tuple[int, int]  # (h, w) in pixels
+
+DEFAULT_SIDES = (8, 12, 16, 24, 32, 40, 48, 56, 64)
+DEFAULT_ASPECTS: tuple[Res, ...] = ((16, 32), (32, 16), (32, 64), (64, 32))
+
+
+class SweepError(ValueError):
+    """Bad input (a run that cannot be loaded, a bad resolution): one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- resolutions
+def parse_sides(spec: str) -> list[Res]:
+    """"16,32,48" -> [(16, 16), (32, 32), (48, 48)]."""
+    try:
+        sides = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"--res {spec!r}: expected a comma list of sides, e.g. 16,32,48") from None
+    if any(s <= 0 for s in sides):
+        raise SweepError(f"--res {spec!r}: sides must be positive")
+    return [(s, s) for s in sides]
+
+
+def parse_hw(spec: str) -> list[Res]:
+    """"16x32,32x16" -> [(16, 32), (32, 16)] (height x width); "" -> []."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d+)\s*[xX]\s*(\d+)", item)
+        if not m or int(m[1]) <= 0 or int(m[2]) <= 0:
+            raise SweepError(f"--aspect {spec!r}: expected a comma list of HxW, e.g. 16x32,32x16")
+        out.append((int(m[1]), int(m[2])))
+    return out
+
+
+def res_key(res: Res) -> str:
+    return f"{res[0]}x{res[1]}"
+
+
+def check_resolutions(resolutions: Sequence[Res], patch_size: int, where: str) -> None:
+    for h, w in resolutions:
+        if h % patch_size or w % patch_size:
+            raise SweepError(f"resolution {h}x{w} is not a multiple of the patch size {patch_size} of {where}")
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    path: Path  # as given: a run directory or one of its checkpoints
+    run_dir: Path  # the directory holding config.json and train_config.json
+    step: int | None  # checkpoint step, None for the final model
+    train: dict  # train_config.json
+    model: NaViT
+    label: str = ""
+
+    @property
+    def train_range(self) -> tuple[int, int]:
+        return parse_res(self.train["train_res"], self.model.config.patch_size)
+
+    @property
+    def aspect(self) -> tuple[float, float] | None:
+        return parse_aspect(self.train.get("aspect"))
+
+    def in_train_range(self, res: Res) -> bool:
+        """Both sides in [lo, hi]; for aspect-sampled runs the area in [lo^2, hi^2] and w/h in
+        the sampled ratio range (a little slack for the rounding of sampled sides)."""
+        lo, hi = self.train_range
+        h, w = res
+        if self.aspect is None:
+            return lo <= h <= hi and lo <= w <= hi
+        a_lo, a_hi = self.aspect
+        eps = 1e-9
+        return lo * lo <= h * w <= hi * hi and a_lo - eps <= w / h <= a_hi + eps
+
+    def regime(self) -> str:
+        """'@16:48', '@32', '@16:48 ar0.5:2'."""
+        s = f"@{self.train['train_res']}"
+        return s + f" ar{self.train['aspect']}" if self.train.get("aspect") else s
+
+    def metadata(self) -> dict:
+        final = self.run_dir / "results.json"
+        train_result = json.loads(final.read_text()) if final.is_file() and self.step is None else None
+        cfg = self.model.config
+        return dict(label=self.label, path=str(self.path), run_dir=str(self.run_dir), checkpoint_step=self.step,
+                    pos_embed=cfg.pos_embed, train_res=self.train["train_res"], aspect=self.train.get("aspect"),
+                    dataset=self.train["dataset"], mixed_precision=self.train.get("mixed_precision", "no"),
+                    eval_res=self.train.get("eval_res"), patch_size=cfg.patch_size,
+                    model_config=cfg.to_dict(), train_config=self.train, train_result=train_result)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"{path} not found ({what})") from None
+    except ValueError as e:
+        raise SweepError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_run(path: str | Path) -> Run:
+    """A run directory, or a checkpoint RUN/checkpoints/step_N (config from RUN, weights from it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SweepError(f"run {path} does not exist or is not a directory")
+    is_ckpt = path.parent.name == "checkpoints" and not (path / "config.json").is_file()
+    run_dir = path.parent.parent if is_ckpt else path
+    step = None
+    if is_ckpt:
+        m = re.fullmatch(r"step_(\d+)", path.name)
+        step = int(m[1]) if m else None
+    cfg_dict = _read_json(run_dir / "config.json", "the model config of the run")
+    train = _read_json(run_dir / "train_config.json", "the training config of the run")
+    try:
+        cfg = NaViTConfig.from_dict(cfg_dict)
+        model = NaViT(cfg)
+    except (TypeError, ValueError) as e:
+        raise SweepError(f"cannot rebuild the model of {run_dir} from config.json: {e}") from None
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise SweepError(f"{weights} not found (no trained weights in {path})")
+    load_weights(model, weights)
+    missing = [k for k in ("dataset", "data_root", "train_res") if k not in train]
+    if missing:
+        raise SweepError(f"{run_dir / 'train_config.json'} lacks {missing}")
+    try:
+        parse_res(train["train_res"], cfg.patch_size)
+        parse_aspect(train.get("aspect"))
+    except ValueError as e:
+        raise SweepError(f"{run_dir / 'train_config.json'}: {e}") from None
+    model.eval()
+    return Run(path, run_dir, step, train, model)
+
+
+def load_weights(model: NaViT, weights: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(weights), device="cpu"))
+    except (SafetensorError, OSError) as e:
+        raise SweepError(f"cannot read {weights}: {e}") from None
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        first = str(e).strip().splitlines()
+        raise SweepError(f"{weights} does not fit the model of config.json: "
+                         f"{' '.join(s.strip() for s in first[:2])}") from None
+
+
+def label_runs(runs: Sequence[Run]) -> None:
+    """'rope_mixed @16:48' (+ ' step N' for checkpoints); duplicates get the directory name."""
+    for r in runs:
+        r.label = f"{r.model.config.pos_embed} {r.regime()}" + (f" step {r.step}" if r.step is not None else "")
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.label] = seen.get(r.label, 0) + 1
+    for r in runs:
+        if seen[r.label] > 1:
+            r.label += f" ({r.run_dir.name})"
+
+
+def train_tokens_per_batch(train: dict, cfg: NaViTConfig) -> int:
+    """Tokens per eval batch as train.py used them in a single-process run (same packing,
+    so the accuracy at eval_res equals the run's own)."""
+    p = cfg.patch_size
+    lo, hi = parse_res(train["train_res"], p)
+    sampler = ResolutionSampler(lo, hi, p, parse_aspect(train.get("aspect")))
+    tok = mean_tokens(sampler, p, cfg.pool == "cls")
+    seq = int(train.get("max_seq_len", cfg.max_seq_len))
+    return max(1, round(int(train.get("batch_images", 128)) * tok / seq)) * seq
+
+
+# ----------------------------------------------------------------------------- the sweep
+@dataclass
+class Sweep:
+    runs: list[Run]
+    resolutions: list[Res]
+    cells: dict[tuple[int, Res], tuple[int, int]] = field(default_factory=dict)  # (run index, res) -> (correct, total)
+
+    def acc(self, i: int, res: Res) -> float:
+        correct, total = self.cells[i, res]
+        return correct / max(1, total)
+
+
+def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=None, data_root: str | None = None,
+              max_seq_len: int | None = None, tokens_per_batch: int | None = None,
+              num_workers: int = 0, progress: bool = True) -> Sweep:
+    from tqdm.auto import tqdm
+
+    for r in runs:
+        check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
+    sweep = Sweep(list(runs), list(resolutions))
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
+    for i, r in enumerate(runs):
+        try:
+            ddir = ensure_prepared(data_root or r.train["data_root"], r.train["dataset"])
+        except DataError as e:
+            raise SweepError(str(e)) from None
+        model = r.model.to(device)
+        tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
+        for res in resolutions:
+            bar.set_description(f"{r.label} {res_key(res)}")
+            sweep.cells[i, res] = evaluate(model, ddir, res, tokens_per_batch=tpb, max_seq_len=max_seq_len,
+                                           accelerator=accelerator, num_workers=num_workers,
+                                           mixed_precision=r.train.get("mixed_precision", "no"))
+            bar.update(1)
+        r.model.to("cpu")
+    bar.close()
+    return sweep
+
+
+# ----------------------------------------------------------------------------- outputs
+def markdown_table(sweep: Sweep) -> str:
+    """Rows = runs, columns = resolutions (HxW); bold = inside the run's training range."""
+    keys = [res_key(r) for r in sweep.resolutions]
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for i, run in enumerate(sweep.runs):
+        cells = []
+        for res in sweep.resolutions:
+            s = f"{sweep.acc(i, res):.4f}"
+            cells.append(f"**{s}**" if run.in_train_range(res) else s)
+        lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Test accuracy at each resolution (HxW, px); **bold**: inside the run's training range.")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(sweep: Sweep, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "pos_embed", "train_res", "aspect", "step"] + [res_key(r) for r in sweep.resolutions])
+        for i, run in enumerate(sweep.runs):
+            w.writerow([run.label, run.model.config.pos_embed, run.train["train_res"], run.train.get("aspect") or "",
+                        "" if run.step is None else run.step] + [repr(sweep.acc(i, r)) for r in sweep.resolutions])
+
+
+def to_json(sweep: Sweep) -> dict:
+    runs = []
+    for i, run in enumerate(sweep.runs):
+        cells = {}
+        for res in sweep.resolutions:
+            correct, total = sweep.cells[i, res]
+            cells[res_key(res)] = dict(height=res[0], width=res[1], acc=sweep.acc(i, res), correct=correct,
+                                       total=total, in_train_range=run.in_train_range(res))
+        runs.append(dict(run.metadata(), results=cells))
+    return dict(resolutions=[res_key(r) for r in sweep.resolutions], runs=runs)
+
+
+def write_outputs(sweep: Sweep, out: Path) -> dict[str, Path]:
+    """accuracy.md, accuracy.csv, accuracy.json, accuracy.png in `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"accuracy.{k}" for k in ("md", "csv", "json", "png")}
+    paths["md"].write_text(markdown_table(sweep))
+    write_csv(sweep, paths["csv"])
+    paths["json"].write_text(json.dumps(to_json(sweep), indent=2) + "\n")
+    plot_accuracy(sweep, paths["png"])
+    return paths
+
+
+def plot_accuracy(sweep: Sweep, path: Path) -> None:
+    """Left: accuracy vs square side, one line per run, its training range shaded in its colour.
+    Right (if any): the non-square resolutions as grouped markers, filled when in range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    squares = sorted(r for r in sweep.resolutions if r[0] == r[1])
+    others = [r for r in sweep.resolutions if r[0] != r[1]]
+    panels = [p for p in (squares, others) if p]
+    widths = [max(1.0, len(p) / 3) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 2 * sum(widths), 4.5), squeeze=False,
+                             gridspec_kw=dict(width_ratios=widths), sharey=True)
+    axes = list(axes[0])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n = len(sweep.runs)
+    for i, run in enumerate(sweep.runs):
+        c = colors[i % len(colors)]
+        if squares:
+            ax = axes[0]
+            lo, hi = run.train_range
+            ax.axvspan(lo, hi, color=c, alpha=0.08, lw=0)
+            ax.plot([s for s, _ in squares], [sweep.acc(i, r) for r in squares], "o-", color=c, label=run.label)
+        if others:
+            ax = axes[-1]
+            off = (i - (n - 1) / 2) * min(0.6 / max(n, 1), 0.15)
+            for j, res in enumerate(others):
+                inside = run.in_train_range(res)
+                ax.plot(j + off, sweep.acc(i, res), "s", color=c, mfc=c if inside else "white",
+                        label=run.label if not squares and j == 0 else None)
+    if squares:
+        ax = axes[0]
+        ax.set_xlabel("square side (px); shaded: training range")
+        ax.set_xticks([s for s, _ in squares])
+        ax.set_title("square resolutions")
+    if others:
+        ax = axes[-1]
+        ax.set_xticks(range(len(others)), [res_key(r) for r in others])
+        ax.set_xlim(-0.5, len(others) - 0.5)
+        ax.set_xlabel("H x W (px); filled: inside training range")
+        ax.set_title("non-square resolutions")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_ylim(0, 1)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(n, 4), frameon=False,
+               bbox_to_anchor=(0.5, 0))
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(n / 4) + 0.02, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

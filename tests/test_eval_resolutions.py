@@ -1,0 +1,169 @@
+"""eval_resolutions.py end to end: tiny real runs from train.py, the sweep outputs, the 2-process
+launch, bad input. Two short training runs are shared by the module (about 5 s each)."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SQUARES = ["8x8", "12x12", "16x16", "24x24", "32x32", "40x40", "48x48", "56x56", "64x64"]
+OTHERS = ["16x32", "32x16", "32x64", "64x32"]
+
+
+def run_py(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_tiny(data_root: Path, out: Path, pos_embed: str) -> Path:
+    proc = run_py("train.py", "--data-root", data_root, "--epochs", 1, "--steps-per-epoch", 2, "--dim", 32,
+                  "--depth", 1, "--heads", 2, "--batch-images", 16, "--num-workers", 0, "--train-res", "16:32",
+                  "--pos-embed", pos_embed, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_shards, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("eval_runs")
+    return {name: train_tiny(tiny_shards.parent, base / name, name) for name in ("rope", "learned_1d")}
+
+
+@pytest.fixture(scope="module")
+def sweep_out(runs, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One single-process sweep over both runs and the rope run's checkpoint, with --plots."""
+    out = tmp_path_factory.mktemp("eval_out")
+    ckpt = sorted((runs["rope"] / "checkpoints").glob("step_*"))[-1]
+    proc = run_py("eval_resolutions.py", runs["rope"], runs["learned_1d"], ckpt, "--out", out, "--plots")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def parse_table(md: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Markdown table -> (column keys, {run label: cell strings})."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
+    header = split(lines[0])[1:]
+    rows = {split(ln)[0]: split(ln)[1:] for ln in lines[2:]}
+    return header, rows
+
+
+def cell_value(s: str) -> float:
+    return float(s.strip("*"))
+
+
+def test_table_csv_json_agree(sweep_out):
+    out, proc = sweep_out
+    md = (out / "accuracy.md").read_text()
+    assert md.strip() in proc.stdout  # printed as well as saved
+    header, rows = parse_table(md)
+    assert header == SQUARES + OTHERS
+    assert list(rows) == ["rope @16:32", "learned_1d @16:32", "rope @16:32 step 2"]
+    data = json.loads((out / "accuracy.json").read_text())
+    assert data["resolutions"] == header
+    with open(out / "accuracy.csv") as f:
+        csv_rows = {r["run"]: r for r in csv.DictReader(f)}
+    for run in data["runs"]:
+        cells = rows[run["label"]]
+        assert run["pos_embed"] in run["label"] and run["train_res"] == "16:32"
+        for key, s in zip(header, cells):
+            c = run["results"][key]
+            assert 0 <= c["acc"] <= 1 and c["total"] == 30 and c["acc"] == c["correct"] / c["total"]
+            assert s == f"{c['acc']:.4f}" or s == f"**{c['acc']:.4f}**"
+            assert s.startswith("**") == c["in_train_range"]
+            assert float(csv_rows[run["label"]][key]) == c["acc"]
+        # 16..32 on both sides is the training range of train_res 16:32
+        inside = {k for k, s in zip(header, cells) if s.startswith("**")}
+        assert inside == {"16x16", "24x24", "32x32", "16x32", "32x16"}
+
+
+def test_eval_res_matches_train(runs, sweep_out):
+    out, _ = sweep_out
+    data = {r["label"]: r for r in json.loads((out / "accuracy.json").read_text())["runs"]}
+    for name, run_dir in runs.items():
+        final = json.loads((run_dir / "results.json").read_text())
+        cell = data[f"{name} @16:32"]["results"][f"{final['eval_res']}x{final['eval_res']}"]
+        assert (cell["correct"], cell["total"]) == (final["test_correct"], final["test_images"])
+        assert cell["acc"] == final["test_acc"]
+        assert data[f"{name} @16:32"]["train_result"]["test_acc"] == final["test_acc"]
+    # the last checkpoint holds the final weights
+    assert data["rope @16:32 step 2"]["results"] == data["rope @16:32"]["results"]
+    assert data["rope @16:32 step 2"]["checkpoint_step"] == 2
+
+
+def test_pngs_are_images(sweep_out):
+    out, _ = sweep_out
+    pngs = [out / "accuracy.png", out / "learned_rope_16_32.png", out / "learned_learned_1d_16_32.png",
+            out / "learned_rope_16_32_step_2.png"]
+    for p in pngs:
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_same_counts(runs, sweep_out, tmp_path):
+    out1, _ = sweep_out
+    out2 = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()),
+                           "eval_resolutions.py", str(runs["rope"]), "--out", str(out2)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| rope @16:32 |") == 1  # only the main process prints the table
+    one = {r["label"]: r["results"] for r in json.loads((out1 / "accuracy.json").read_text())["runs"]}
+    two = json.loads((out2 / "accuracy.json").read_text())["runs"]
+    assert [r["label"] for r in two] == ["rope @16:32"]
+    assert two[0]["results"] == one["rope @16:32"]
+
+
+def broken_copy(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    cfg = json.loads((dst / "config.json").read_text())
+    if how == "garbage":
+        (dst / "config.json").write_text("{not json")
+    elif how == "unknown_key":
+        (dst / "config.json").write_text(json.dumps(dict(cfg, colour="blue")))
+    elif how == "unknown_pos":
+        (dst / "config.json").write_text(json.dumps(dict(cfg, pos_embed="wavelet")))
+    elif how == "no_weights":
+        (dst / "model.safetensors").unlink()
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "unknown_key", "unknown_pos", "no_weights", "bad_res",
+                                  "bad_aspect"])
+def test_bad_input(runs, tmp_path, case):
+    run, extra = runs["rope"], []
+    if case == "missing":
+        run = tmp_path / "nope"
+    elif case == "bad_res":
+        extra = ["--res", "16,30"]
+    elif case == "bad_aspect":
+        extra = ["--aspect", "16x18"]
+    elif case != "bad_res":
+        run = broken_copy(runs["rope"], tmp_path / "run", case)
+    proc = run_py("eval_resolutions.py", run, "--out", tmp_path / "out", *extra, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("eval_resolutions.py: error:"), proc.stderr
+    if case in ("bad_res", "bad_aspect"):
+        assert re.search(r"(30|18) is not a multiple|not a multiple", lines[0])
+    assert not (tmp_path / "out").exists()

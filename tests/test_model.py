@@ -1,0 +1,138 @@
+"""The packed model: packed == per-image, isolation between images, dropping, save/load."""
+import pytest
+import torch
+
+from navit_pe import POS_EMBEDS, NaViT, NaViTConfig, pack
+from navit_pe.model import fast_dropout
+
+SMALL = dict(dim=32, depth=2, heads=2, num_classes=5, max_seq_len=64, pos_grid=4, max_grid=8)
+SIZES = [(8, 12), (4, 4), (16, 8), (12, 12), (4, 28), (20, 4)]
+
+
+def images(seed=0, sizes=SIZES):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=g) for h, w in sizes]
+
+
+def model(pos, pool, **kw):
+    torch.manual_seed(0)
+    m = NaViT(pos, pool=pool, **{**SMALL, **kw}).eval()
+    with torch.no_grad():  # make the encodings' learned parts non-trivial (tables start near 0)
+        for p in m.pos.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return m
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "attn"])
+@pytest.mark.parametrize("pos", POS_EMBEDS)
+def test_packed_equals_per_image(pos, pool):
+    m, ims = model(pos, pool), images()
+    with torch.no_grad():
+        packed = m(ims)
+        alone = torch.cat([m([im]) for im in ims])
+    assert packed.shape == (len(ims), 5)
+    assert (packed - alone).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("pos", POS_EMBEDS)
+def test_isolation_between_images(pos):
+    m, ims = model(pos, "cls"), images()
+    with torch.no_grad():
+        base = m(ims)
+        # change one image's pixels: every other image's logits stay the same
+        changed = list(ims)
+        changed[2] = torch.randn_like(ims[2])
+        out = m(changed)
+        assert not torch.allclose(out[2], base[2])
+        keep = [i for i in range(len(ims)) if i != 2]
+        assert (out[keep] - base[keep]).abs().max().item() <= 1e-5
+        # other packing partners and another max_seq_len: the same logits for image 0
+        other = m.pack([ims[0]] + images(seed=1, sizes=[(16, 16), (4, 8)]))
+        assert (m(other)[0] - base[0]).abs().max().item() <= 1e-5
+        m.config.max_seq_len = 200
+        assert (m(ims) - base).abs().max().item() <= 1e-5
+
+
+def test_padding_never_changes_real_tokens():
+    m = model("sincos", "mean")
+    ims = images()
+    batch = m.pack(ims)
+    batch2 = m.pack(ims)
+    pad = batch2.image_ids < 0
+    batch2.patches[pad] = torch.randn_like(batch2.patches[pad]) * 100
+    with torch.no_grad():
+        assert torch.equal(m(batch), m(batch2))
+
+
+def test_token_drop_only_in_training():
+    m = model("sincos", "mean")
+    m.token_drop = 0.5
+    ims = images()
+    with torch.no_grad():
+        ref = m(ims)
+        assert torch.equal(m(ims), ref)  # eval: nothing dropped, deterministic
+        m.train()
+        m.config.dropout = 0.0
+        torch.manual_seed(1)
+        a = m(ims)
+        torch.manual_seed(2)
+        b = m(ims)
+    assert not torch.allclose(a, b)  # training: a random subset of tokens each call
+
+
+def test_no_nan_with_padding_and_backward():
+    m = model("rope", "attn").train()
+    batch = pack(images(), 4, 100, labels=[0, 1, 2, 3, 4, 0])
+    assert (batch.image_ids < 0).any()
+    loss = torch.nn.functional.cross_entropy(m(batch), batch.labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_model_rejects_mismatched_batches():
+    m = model("sincos", "cls")
+    with pytest.raises(ValueError, match="CLS slot"):
+        m(pack(images(), 4, 64, cls_token=False))
+    with pytest.raises(ValueError, match="without CLS"):
+        model("sincos", "mean")(pack(images(), 4, 64, cls_token=True))
+    with pytest.raises(ValueError, match="more than max_seq_len"):
+        m([torch.zeros(3, 64, 64)])
+    with pytest.raises(ValueError, match="not a multiple"):
+        m([torch.zeros(3, 6, 8)])
+    with pytest.raises(ValueError, match="empty"):
+        m([])
+
+
+def test_unknown_encoding_lists_choices():
+    with pytest.raises(ValueError, match="rope_mixed"):
+        NaViT("sinus")
+
+
+def test_save_and_from_pretrained(tmp_path):
+    m = model("learned_1d" if "learned_1d" in POS_EMBEDS else "sincos", "attn")
+    m.save_pretrained(tmp_path)
+    again = NaViT.from_pretrained(tmp_path).eval()
+    assert again.config == m.config
+    with torch.no_grad():
+        assert torch.equal(again(images()), m(images()))
+    assert NaViTConfig.load(tmp_path / "config.json") == m.config
+
+
+def test_fast_dropout_rate_and_scale():
+    x = torch.ones(1000, 1000)
+    y = fast_dropout(x, 0.1, training=True)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(26 / 256, abs=0.002)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)  # inverted scaling keeps the mean
+    assert torch.equal(fast_dropout(x, 0.1, training=False), x)
+
+
+def test_param_groups_cover_every_parameter_once():
+    m = NaViT("sincos")
+    groups = m.param_groups(1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert id(m.blocks[0].norm1.weight) in no_decay and id(m.blocks[0].mlp.fc1.bias) in no_decay
+    assert id(m.blocks[0].mlp.fc1.weight) not in no_decay

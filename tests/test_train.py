@@ -1,0 +1,142 @@
+"""train.py end to end on tiny shards: smoke run, resume == uninterrupted, SIGKILL, 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from navit_pe import NaViT
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-images", "16", "--train-res", "16:32",
+        "--num-workers", "1", "--log-every", "1"]
+
+
+def run_train(data: Path, out: Path, *args: str, timeout: float = 240, launcher: list[str] | None = None):
+    env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(out.parent / "no-such-source")}
+    cmd = (launcher or [sys.executable]) + ["train.py", "--data-root", str(data.parent), "--out", str(out),
+                                            *TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_one_epoch(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    ok(run_train(tiny_shards, run, "--epochs", "1", "--steps-per-epoch", "3", "--pos-embed", "rope_mixed",
+                 "--checkpoint-every", "2"))
+    rows = metrics(run)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 and 0.5 < r["efficiency"] <= 1 for r in steps)
+    evals = [r for r in rows if "test_acc" in r]
+    assert len(evals) == 1 and evals[0]["test_images"] == 30  # every tiny test image, once
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003"] or \
+        sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    model = NaViT.from_pretrained(run)
+    assert model.config.pos_embed == "rope_mixed" and model.config.dim == 32
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_images"] == 30 and 0 <= results["test_acc"] <= 1
+
+
+def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
+    args = ["--epochs", "2", "--steps-per-epoch", "2", "--pos-embed", "relative", "--token-drop", "0.2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ok(run_train(tiny_shards, straight, *args))
+    proc = ok(run_train(tiny_shards, resumed, *args, "--stop-after", "2"))
+    assert not (resumed / "model.safetensors").exists()
+    assert "stopped after step 2" in proc.stdout + proc.stderr
+    ok(run_train(tiny_shards, resumed, *args, "--resume", "latest"))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # and the run really trained: weights moved away from a fresh init
+    fresh = NaViT(NaViT.from_pretrained(straight).config).state_dict()
+    assert max((a[k] - fresh[k]).abs().max().item() for k in a if "weight" in k) > 1e-4
+
+
+def test_sigkill_then_resume(tiny_shards, tmp_path):
+    run = tmp_path / "killed"
+    env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(tmp_path / "none")}
+    cmd = [sys.executable, "train.py", "--data-root", str(tiny_shards.parent), "--out", str(run), *TINY,
+           "--epochs", "3", "--steps-per-epoch", "30", "--checkpoint-every", "5", "--pos-embed", "learned_2d"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    ckdir = run / "checkpoints"
+    while time.time() < deadline and not (ckdir.is_dir() and any(ckdir.glob("step_*"))):
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get into the middle of the next stretch of steps
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"
+    done = sorted(ckdir.glob("step_*"))
+    assert done, "no complete checkpoint before the kill"
+    for ck in done:  # every checkpoint that looks complete is complete
+        assert (ck / "model.safetensors").is_file() and (ck / "custom_checkpoint_0.pkl").is_file()
+    last = int(done[-1].name.split("_")[1])
+    proc = ok(run_train(tiny_shards, run, "--epochs", "3", "--steps-per-epoch", "30", "--checkpoint-every", "5",
+                        "--pos-embed", "learned_2d", "--resume", "latest"))
+    assert f"step {last}" in proc.stdout + proc.stderr
+    assert (run / "model.safetensors").is_file()
+    assert json.loads((run / "results.json").read_text())["epoch"] == 3
+
+
+def test_two_processes(tiny_shards, tmp_path):
+    run = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "rope",
+                        "--num-workers", "0", launcher=launcher, timeout=300))
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    evals = [r for r in metrics(run) if "test_acc" in r]
+    assert [r["test_images"] for r in evals] == [30, 30]  # the test set once, over both ranks
+    assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 6  # both ranks: 3 steps an epoch
+    assert (run / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--pos-embed", "sinus"], "unknown --pos-embed 'sinus'; choose one of: none, "),
+    (["--train-res", "30"], "multiple"),
+    (["--train-res", "16:64"], "max-seq-len"),
+    (["--mixed-precision", "fp8"], "mixed-precision"),
+])
+def test_bad_flags_one_line_exit_2(tiny_shards, tmp_path, args, match):
+    proc = run_train(tiny_shards, tmp_path / "bad", *args)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
+
+
+def test_missing_or_empty_shards_and_unwritable_out(tiny_shards, tmp_path):
+    empty = tmp_path / "empty" / "cifar10"
+    empty.mkdir(parents=True)
+    proc = run_train(empty, tmp_path / "r1", "--epochs", "1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "prepare_cifar.py" in proc.stderr
+    # a meta.json whose shard is empty
+    broken = tmp_path / "broken" / "cifar10"
+    broken.mkdir(parents=True)
+    for f in tiny_shards.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    first = json.loads((broken / "meta.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    (broken / first).write_bytes(b"")
+    proc = run_train(broken, tmp_path / "r2", "--epochs", "1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # an output directory that cannot be created
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_train(tiny_shards, blocker / "run", "--epochs", "1")
+    assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
