@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, label_runs, load_run, markdown_table,
-                            parse_hw, parse_sides, run_sweep, write_outputs)
+from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_out_dir, check_resolutions,
+                            label_runs, load_run, markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,12 +49,14 @@ def main(argv=None) -> int:
         if not resolutions:
             raise SweepError("no resolutions to evaluate (--res and --aspect are both empty)")
         runs = [load_run(p) for p in args.runs]
+        for r in runs:
+            check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
         label_runs(runs)
+        out = check_out_dir(Path(args.out))  # every process checks: no rank may fail alone mid-sweep
         sweep = run_sweep(runs, resolutions, accelerator=accelerator, data_root=args.data_root,
                           max_seq_len=args.max_seq_len, tokens_per_batch=args.tokens_per_batch,
                           num_workers=args.num_workers, progress=main_proc)
         if main_proc:
-            out = Path(args.out)
             paths = write_outputs(sweep, out)
             print(markdown_table(sweep), end="")
             written = [paths[k] for k in ("md", "csv", "json", "png")]
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         if main_proc:
             print(f"eval_resolutions.py: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. an unwritable --out
+    except OSError as e:  # e.g. the disk filling up while writing the outputs
         if main_proc:
             print(f"eval_resolutions.py: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 2

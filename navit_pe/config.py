@@ -20,6 +20,9 @@ class NaViTConfig:
     dropout: float = 0.1  # dropout on the patch embedding, the attention output and the MLP
     pool: str = "cls"  # "cls" (CLS token per image), "mean" (masked mean), "attn" (attention pooling)
     max_seq_len: int = 256  # tokens per packed sequence when the model packs a list of images itself
+    attention: str = "auto"  # "dense" (block-diagonal mask over L), "varlen" (per-image buckets), "auto":
+    #                          varlen unless the encoding adds an L x L attention bias (relative)
+    varlen_granularity: int = 16  # varlen: image lengths are rounded up to a multiple of this
     # -- positional-encoding options (each encoding reads the ones it needs)
     pos_grid: int = 8  # learned_1d: side of the training grid its table is laid out on (8x8 = 32px / 4)
     max_grid: int = 16  # learned_2d, factorized: table side; positions beyond clamp to the last entry
@@ -57,5 +60,7 @@ class NaViTConfig:
             raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
         if self.pool not in ("cls", "mean", "attn"):
             raise ValueError(f"unknown pool {self.pool!r}; choose one of cls, mean, attn")
+        if self.attention not in ("auto", "dense", "varlen"):
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of auto, dense, varlen")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
+from torch import Tensor
 
+from navit_pe.packing import PackedBatch, StreamPacker
 from navit_pe.prepare import DEFAULT_OUT, DataError, default_source, prepare, shards_intact
 
-__all__ = ["DataError", "Reader", "ensure_prepared", "load_meta", "make_dataset", "shard_urls"]
+__all__ = ["DataError", "Reader", "ensure_prepared", "load_meta", "make_dataset", "packed", "shard_urls",
+           "transformed"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "png")
@@ -200,3 +203,29 @@ def _skip_error(state: _ReadState, exn: Exception) -> bool:
     state.skipped += 1
     log.warning("skipping unreadable shard data: %r", exn)
     return True
+
+
+# ----------------------------------------------------------------------------- after the reader
+# Two generator stages (iterator in, iterator out) that turn the reader's (PIL, label) pairs into
+# fixed-shape PackedBatches; they compose with a Reader (`reader.compose(transformed(...),
+# packed(...))`) or chain over any iterator. navit_pe.stages wraps them for a DataLoader.
+
+
+def transformed(fn: Callable[[Image.Image, random.Random], Tensor], seed: str
+                ) -> Callable[[Iterable], Iterator[tuple[Tensor, int]]]:
+    """Stage: (PIL, label) -> (fn(img, rng), label). The rng is seeded by `seed` plus this
+    process's rank and DataLoader worker, so a stream is reproducible from its seed alone."""
+    def stage(samples: Iterable[tuple[Image.Image, int]]) -> Iterator[tuple[Tensor, int]]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{seed}/{rank}/{worker}")
+        for img, label in samples:
+            yield fn(img, rng), label
+    return stage
+
+
+def packed(patch_size: int, max_seq_len: int, batch_seqs: int, buffer_size: int = 512,
+           cls_token: bool = True, fixed_batches: bool = True
+           ) -> Callable[[Iterable], Iterator[PackedBatch]]:
+    """Stage: (tensor [C, H, W], label) -> fixed-shape PackedBatches [batch_seqs, max_seq_len]."""
+    return StreamPacker(patch_size, max_seq_len, batch_seqs, buffer_size=buffer_size,
+                        cls_token=cls_token, fixed_batches=fixed_batches)

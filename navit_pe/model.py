@@ -56,6 +56,82 @@ class Dropout(nn.Module):
 
 
 # ----------------------------------------------------------------------------- blocks
+class _Regroup(torch.autograd.Function):
+    """y = x[idx] with rows `zero` set to 0; the backward is the inverse gather, so neither
+    direction needs a scatter-add (index_select's own backward is a slow index_add on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, zero, inv, inv_zero):
+        ctx.save_for_backward(inv, inv_zero)
+        return x.index_select(0, idx).index_fill_(0, zero, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, inv_zero = ctx.saved_tensors
+        return grad.index_select(0, inv).index_fill_(0, inv_zero, 0), None, None, None, None
+
+
+class Segments:
+    """Variable-length ("varlen") attention over the images of a packed batch.
+
+    Dense attention over a packed sequence costs L x L per sequence although each token only
+    sees its own image. Here the tokens of every image are gathered into buckets of images of
+    similar length (rounded up to `granularity`), attention runs per bucket, and the results
+    are gathered back: the cost per token follows its image's length instead of L. Built once
+    per forward from the image ids; exact (slots beyond an image's length are masked keys).
+    """
+
+    def __init__(self, image_ids: Tensor, granularity: int = 16):
+        dev = image_ids.device
+        flat = image_ids.reshape(-1)
+        real = (flat >= 0).nonzero().squeeze(1)
+        # group the real tokens by image id (stable: keeps each image's token order)
+        order = torch.argsort(flat[real], stable=True)
+        tokens, ids = real[order], flat[real][order]
+        n = int(ids.max()) + 1 if len(ids) else 0
+        lengths = torch.bincount(ids, minlength=n)
+        starts = torch.cumsum(lengths, 0) - lengths
+        padded = (lengths + granularity - 1) // granularity * granularity
+        # slots: bucket by bucket, image by image, `lb` slots per image of a bucket
+        perm, valid_slots, self.buckets = [], [], []
+        offset = 0
+        for lb in torch.unique(padded).tolist():
+            imgs = (padded == lb).nonzero().squeeze(1)
+            pos = torch.arange(lb, device=dev)
+            valid = pos[None] < lengths[imgs][:, None]  # [n_b, lb]
+            src = (starts[imgs][:, None] + pos[None]).clamp(max=max(len(tokens) - 1, 0))
+            perm.append(torch.where(valid, tokens[src], torch.zeros_like(src)).reshape(-1))
+            valid_slots.append(valid.reshape(-1))
+            mask = None if bool(valid.all()) else valid[:, None, None, :]  # keys of each image
+            self.buckets.append((offset, len(imgs), lb, mask))
+            offset += len(imgs) * lb
+        self.perm = torch.cat(perm) if perm else flat.new_zeros(0)  # slot -> token
+        slot_ok = torch.cat(valid_slots) if valid_slots else flat.new_zeros(0, dtype=torch.bool)
+        self.pad_slots = (~slot_ok).nonzero().squeeze(1)
+        self.inv = torch.zeros_like(flat)  # token -> slot
+        self.inv[self.perm[slot_ok]] = slot_ok.nonzero().squeeze(1)
+        self.pad_tokens = (flat < 0).nonzero().squeeze(1)
+
+    def to_slots(self, x: Tensor) -> Tensor:
+        return _Regroup.apply(x, self.perm, self.pad_slots, self.inv, self.pad_tokens)
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        return _Regroup.apply(x, self.inv, self.pad_tokens, self.perm, self.pad_slots)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v [B, h, L, d] -> attention output [B, L, h*d] (zeros on padding tokens)."""
+        B, h, L, d = q.shape
+        # token-major, then every bucket's images side by side: [(n_b lb), h, d]
+        q, k, v = (self.to_slots(t.transpose(1, 2).reshape(B * L, h, d)) for t in (q, k, v))
+        outs = []
+        for start, nb, lb, mask in self.buckets:
+            qb, kb, vb = (rearrange(t[start:start + nb * lb], "(n l) h d -> n h l d", n=nb) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+            outs.append(rearrange(o, "n h l d -> (n l) (h d)"))
+        # back into the packed layout
+        return self.to_tokens(torch.cat(outs)).view(B, L, h * d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: NaViTConfig, layer: int):
         super().__init__()
@@ -64,24 +140,28 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext,
+                segments: Segments | None = None) -> Tensor:
         # project, split heads; attention itself runs in fp32 (bf16 SDPA backward is slow on CPU)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).float()
         # positional hooks: rotate q and k, then an additive bias on the logits
         q, k = pe.rotate(q, k, ctx, self.layer)
         bias = pe.attn_bias(q, ctx, self.layer)
-        if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            if bias is not None:
-                scores = scores + bias
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            out = probs @ v + pe.attn_value(probs, ctx, self.layer)
+        if segments is not None and bias is None:  # varlen: each image attends within itself
+            out = segments.attend(q, k, v)
         else:
-            attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        # merge heads, project back
-        out = rearrange(out, "b h n d -> b n (h d)").to(x.dtype)
-        return self.drop(self.proj(out))
+            if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
+                scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+                if bias is not None:
+                    scores = scores + bias
+                probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+                out = probs @ v + pe.attn_value(probs, ctx, self.layer)
+            else:  # dense block-diagonal mask over the whole sequence
+                attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = rearrange(out, "b h n d -> b n (h d)")
+        # merged heads, projected back
+        return self.drop(self.proj(out.to(x.dtype)))
 
 
 class MLP(nn.Module):
@@ -103,8 +183,9 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(cfg.dim), Attention(cfg, layer)
         self.norm2, self.mlp = nn.LayerNorm(cfg.dim), MLP(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask, pe, ctx)
+    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext,
+                segments: Segments | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask, pe, ctx, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -153,6 +234,9 @@ class NaViT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "cls" else None
         self.pos = build_posenc(cfg.pos_embed, cfg)
+        if cfg.attention == "varlen" and self.pos.uses_bias:
+            raise ValueError(f"attention='varlen' cannot add the L x L bias of {cfg.pos_embed!r}; "
+                             f"use attention='auto' or 'dense'")
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
@@ -208,10 +292,14 @@ class NaViT(nn.Module):
         if emb is not None:
             h = h + emb.to(h.dtype)
         h = self.drop(h)
-        # transformer blocks, attention block-diagonal over images
+        # transformer blocks, attention block-diagonal over images: varlen buckets where the
+        # encoding adds no L x L bias, else a dense mask
         mask = batch.attention_mask()
+        segments = None
+        if self.config.attention == "varlen" or (self.config.attention == "auto" and not self.pos.uses_bias):
+            segments = Segments(batch.image_ids, self.config.varlen_granularity)
         for block in self.blocks:
-            h = block(h, mask, self.pos, ctx)
+            h = block(h, mask, self.pos, ctx, segments)
         h = self.norm(h)
         # pool each image on its own, in image-id order
         return self.head(self._pool(h, batch, n))

@@ -1,44 +1,21 @@
-"""The pipeline stages after the reader: transform each image to its size, then pack.
+"""The training and evaluation streams: reader -> transformed -> packed, as IterableDatasets.
 
     reader (PIL, label) -> transformed(...) -> (tensor [3, h, w], label) -> packed(...) -> PackedBatch
 
-Both are plain generator stages (iterator in, iterator out), so they compose with a
-webdataset pipeline (`reader.compose(transformed(...), packed(...))`) or any iterator.
-`TrainStream` / `EvalStream` wrap the whole chain as torch IterableDatasets for a DataLoader.
+The two stages live in navit_pe.data; here they are chained for a torch DataLoader.
 """
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
-from .data import DataError, make_dataset
-from .packing import PackedBatch, StreamPacker
+from .data import DataError, make_dataset, packed, transformed
+from .packing import PackedBatch
 from .transforms import EvalTransform, ResolutionSampler, TrainTransform
-
-
-def transformed(fn: Callable[[Image.Image, random.Random], Tensor], seed: str
-                ) -> Callable[[Iterable], Iterator[tuple[Tensor, int]]]:
-    """Stage: (PIL, label) -> (fn(img, rng), label). The rng is seeded by `seed` plus this
-    process's rank and DataLoader worker, so a stream is reproducible from its seed alone."""
-    def stage(samples: Iterable[tuple[Image.Image, int]]) -> Iterator[tuple[Tensor, int]]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{seed}/{rank}/{worker}")
-        for img, label in samples:
-            yield fn(img, rng), label
-    return stage
-
-
-def packed(patch_size: int, max_seq_len: int, batch_seqs: int, buffer_size: int = 512,
-           cls_token: bool = True, fixed_batches: bool = True
-           ) -> Callable[[Iterable], Iterator[PackedBatch]]:
-    """Stage: (tensor [C, H, W], label) -> fixed-shape PackedBatches [batch_seqs, max_seq_len]."""
-    return StreamPacker(patch_size, max_seq_len, batch_seqs, buffer_size=buffer_size,
-                        cls_token=cls_token, fixed_batches=fixed_batches)
 
 
 class TrainStream(torch.utils.data.IterableDataset):

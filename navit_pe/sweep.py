@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,14 @@ def train_tokens_per_batch(train: dict, cfg: NaViTConfig) -> int:
     return max(1, round(int(train.get("batch_images", 128)) * tok / seq)) * seq
 
 
+def data_dir(run: Run, data_root: str | None = None) -> Path:
+    """The prepared test data of `run` (its dataset under `data_root` or the run's own data_root)."""
+    try:
+        return ensure_prepared(data_root or run.train["data_root"], run.train["dataset"])
+    except DataError as e:
+        raise SweepError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------- the sweep
 @dataclass
 class Sweep:
@@ -216,14 +225,11 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=No
 
     for r in runs:
         check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
+    ddirs = [data_dir(r, data_root) for r in runs]  # all data found before any evaluation
     sweep = Sweep(list(runs), list(resolutions))
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
-    for i, r in enumerate(runs):
-        try:
-            ddir = ensure_prepared(data_root or r.train["data_root"], r.train["dataset"])
-        except DataError as e:
-            raise SweepError(str(e)) from None
+    for i, (r, ddir) in enumerate(zip(runs, ddirs)):
         model = r.model.to(device)
         tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
         for res in resolutions:
@@ -238,6 +244,17 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=No
 
 
 # ----------------------------------------------------------------------------- outputs
+def check_out_dir(out: Path) -> Path:
+    """Create `out` and make sure it is writable, before any evaluation."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweepError(f"cannot create the output directory {out} ({e.strerror}); pass a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise SweepError(f"the output directory {out} is not writable; pass a writable --out")
+    return out
+
+
 def markdown_table(sweep: Sweep) -> str:
     """Rows = runs, columns = resolutions (HxW); bold = inside the run's training range."""
     keys = [res_key(r) for r in sweep.resolutions]

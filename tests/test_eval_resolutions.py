@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -157,7 +156,7 @@ def test_bad_input(runs, tmp_path, case):
         extra = ["--res", "16,30"]
     elif case == "bad_aspect":
         extra = ["--aspect", "16x18"]
-    elif case != "bad_res":
+    else:
         run = broken_copy(runs["rope"], tmp_path / "run", case)
     proc = run_py("eval_resolutions.py", run, "--out", tmp_path / "out", *extra, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -165,5 +164,19 @@ def test_bad_input(runs, tmp_path, case):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("eval_resolutions.py: error:"), proc.stderr
     if case in ("bad_res", "bad_aspect"):
-        assert re.search(r"(30|18) is not a multiple|not a multiple", lines[0])
+        assert "not a multiple of the patch size" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_train_range_with_aspect():
+    from navit_pe.model import NaViT
+    from navit_pe.sweep import Run
+
+    model = NaViT("none", dim=16, depth=1, heads=1)
+    fixed = Run(Path("r"), Path("r"), None, dict(train_res="32", dataset="cifar10", data_root="d"), model)
+    assert fixed.in_train_range((32, 32)) and not fixed.in_train_range((16, 32))
+    aspect = Run(Path("r"), Path("r"), None, dict(train_res="16:48", aspect="0.5:2"), model)
+    # area within [16^2, 48^2] and w/h within [0.5, 2]
+    assert aspect.in_train_range((32, 64)) and aspect.in_train_range((64, 32)) and aspect.in_train_range((16, 32))
+    assert not aspect.in_train_range((64, 64)) and not aspect.in_train_range((8, 8))
+    assert not aspect.in_train_range((16, 64))

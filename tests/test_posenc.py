@@ -6,7 +6,6 @@ registered. Models here are tiny (dim 32, depth 2) to keep the file fast on a CP
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -368,18 +367,18 @@ def left_right_batch(n: int, gen: torch.Generator, cls: bool) -> PackedBatch:
                        labels=labels, num_images=n)
 
 
-TASK_SECONDS: dict[str, float] = {}
-
-
 @pytest.mark.parametrize("name", POS_EMBEDS)
 def test_position_task_is_learned_only_with_position(name):
     """Bright-left-of-dark on 4x4-patch images: every encoding learns it, `none` cannot."""
-    start = time.perf_counter()
     torch.manual_seed(0)
     model = NaViT(name, **TINY, num_classes=2, channels=1, patch_size=1, pool="mean", pos_grid=SIDE)
-    opt = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
-    steps = 700
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    # lr 1e-3: at 2e-3..3e-3 the absolute tables stall on a plateau for some seeds, and
+    # `relative` needs ~1000 steps at 1e-3. `none` gives every image the same logits whatever
+    # its weights (same bag of patches), so a short run shows it as well as a long one.
+    steps, warmup = (100 if name == "none" else 1000), 50
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         batch = left_right_batch(64, gen, cls=False)
@@ -392,7 +391,6 @@ def test_position_task_is_learned_only_with_position(name):
     test = left_right_batch(1000, torch.Generator().manual_seed(123), cls=False)
     with torch.no_grad():
         acc = (model(test).argmax(-1) == test.labels).float().mean().item()
-    TASK_SECONDS[name] = time.perf_counter() - start
     if name == "none":
         assert acc <= 0.6, acc  # a bag of patches: one answer for every image
     else:

@@ -10,14 +10,17 @@ the CLS entry, used whenever i or j is a CLS token. The relative vector a_ij is 
               = q_i . k_j / sqrt(d) + (q_i[:d/2] . R^K[dr] + q_i[d/2:] . C^K[dc]) / sqrt(d)
     out_i     = sum_j p_ij (v_j + a^V_ij).
 
-No [B, h, L, L, d] tensor is built: the key term gathers from q . table^T ([B, h, L, 2k+2]
-per axis), the value term scatter-adds the probabilities into 2k+2 bins per axis and
-multiplies the bins by the value tables. Pairs across images get some valid index; the
-block-diagonal mask removes them anyway.
+No [B, h, L, L, d] tensor is built. The two axes share one joint index
+n = dr * (2k+2) + dc, so each layer does a single gather and a single scatter over
+[B, h, L, L]: the key term gathers from the (2k+2)^2 sums q_row . R^K[dr] + q_col . C^K[dc]
+([B, h, L, (2k+2)^2], tiny), the value term scatter-adds the probabilities into the
+(2k+2)^2 joint bins, sums them per axis and multiplies by the value tables. Pairs across
+images get some valid index; the block-diagonal mask removes them anyway.
 """
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..config import NaViTConfig
@@ -41,8 +44,8 @@ class Relative2D(PosEncoding):
         self.value_row = nn.Parameter(torch.randn(shape) * 0.02)
         self.value_col = nn.Parameter(torch.randn(shape) * 0.02)
 
-    def indices(self, ctx: PosContext) -> tuple[Tensor, Tensor]:
-        """Clamped distance indices (rows, cols), each [B, 1, L, L] long, cached per forward."""
+    def joint_index(self, ctx: PosContext) -> Tensor:
+        """[B, 1, L, L] long: dr * (2k+2) + dc for query i (dim 2) and key j (dim 3), cached."""
         if "relative_idx" not in ctx.cache:
             k = self.k
             pos = ctx.coords
@@ -50,27 +53,27 @@ class Relative2D(PosEncoding):
             idx = dist.clamp(-k, k) + k
             cls_pair = ctx.is_cls[:, :, None] | ctx.is_cls[:, None, :]  # [B, i, j]
             idx = idx.masked_fill(cls_pair[..., None], 2 * k + 1)
-            ctx.cache["relative_idx"] = (idx[..., 0].unsqueeze(1).contiguous(),  # [B, 1, i, j]
-                                         idx[..., 1].unsqueeze(1).contiguous())
+            joint = idx[..., 0] * (2 * k + 2) + idx[..., 1]
+            ctx.cache["relative_idx"] = joint.unsqueeze(1)  # shared by the heads
         return ctx.cache["relative_idx"]
 
     def attn_bias(self, q: Tensor, ctx: PosContext, layer: int) -> Tensor:
-        rows, cols = self.indices(ctx)
+        index = self.joint_index(ctx)
         b, h, n, d = q.shape
-        q_row, q_col = q.split(d // 2, dim=-1)
-        # q . table^T per axis: [B, h, L, 2k+2], then pick each pair's bin
+        q_row, q_col = (q * d ** -0.5).split(d // 2, dim=-1)  # Shaw: the key term shares 1/sqrt(d)
+        # q . table^T per axis [B, h, L, 2k+2], then all (dr, dc) sums: [B, h, L, (2k+2)^2]
         s_row = q_row @ self.key_row[layer].to(q.dtype).T
         s_col = q_col @ self.key_col[layer].to(q.dtype).T
-        bias = s_row.gather(-1, rows.expand(b, h, n, n)) + s_col.gather(-1, cols.expand(b, h, n, n))
-        return bias * d ** -0.5  # Shaw: the relative key term shares the 1/sqrt(d) of q . k
+        s = rearrange(s_row[..., :, None] + s_col[..., None, :], "b h i r c -> b h i (r c)")
+        return s.gather(-1, index.expand(b, h, n, n))  # each pair picks its bin
 
     def attn_value(self, probs: Tensor, ctx: PosContext, layer: int) -> Tensor:
-        rows, cols = self.indices(ctx)
+        index = self.joint_index(ctx)
         b, h, n, _ = probs.shape
         bins = 2 * self.k + 2
-        # total probability of each distance bin per query: [B, h, L, 2k+2] per axis
-        p_row = probs.new_zeros(b, h, n, bins).scatter_add_(-1, rows.expand(b, h, n, n), probs)
-        p_col = probs.new_zeros(b, h, n, bins).scatter_add_(-1, cols.expand(b, h, n, n), probs)
-        out_row = p_row @ self.value_row[layer].to(probs.dtype)  # [B, h, L, d/2]
-        out_col = p_col @ self.value_col[layer].to(probs.dtype)
+        # total probability of each joint bin per query, then per axis: [B, h, L, 2k+2]
+        p = probs.new_zeros(b, h, n, bins * bins).scatter_add_(-1, index.expand(b, h, n, n), probs)
+        p = rearrange(p, "b h i (r c) -> b h i r c", r=bins)
+        out_row = p.sum(-1) @ self.value_row[layer].to(probs.dtype)  # [B, h, L, d/2]
+        out_col = p.sum(-2) @ self.value_col[layer].to(probs.dtype)
         return torch.cat([out_row, out_col], dim=-1)
