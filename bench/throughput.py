@@ -9,6 +9,10 @@ are not counted either).
   pad48    : the same images, each zero-padded to 48x48 (145 tokens with CLS), one per sequence;
   fixed32  : a batch of 32x32 images (65 tokens with CLS), the classic CIFAR ViT step.
 
+The packed model attends per image (varlen buckets, attention="auto"); the two padded
+baselines are plain ViT batches (one image per sequence) and use dense attention, their
+fastest path. The weights and every other part of the model are the same.
+
     python bench/throughput.py                          # fp32, CPU
     python bench/throughput.py --mixed-precision bf16   # bf16 autocast (attention in fp32)
 """
@@ -72,6 +76,8 @@ def main() -> None:
     ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--attention", default="auto", help="packed model's attention: auto, varlen, dense")
+    ap.add_argument("--granularity", type=int, default=16, help="varlen bucket granularity")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -81,7 +87,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     # one model and one optimizer state for every variant (reset between variants)
-    model = NaViT(args.pos_embed, dropout=args.dropout).to(device).train()
+    model = NaViT(args.pos_embed, dropout=args.dropout, varlen_granularity=args.granularity).to(device).train()
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     n_steps = args.steps + args.warmup
 
@@ -123,6 +129,7 @@ def main() -> None:
     results = {}
     for name, (batches, real) in variants.items():
         model.load_state_dict(init_state)
+        model.config.attention = args.attention if name == "packed" else "dense"
         opt = torch.optim.AdamW(model.param_groups(1e-3), lr=5e-4)
         times = time_steps(model, batches, opt, device, amp, args.warmup)
         tok = [r / t for r, t in zip(real[args.warmup:], times)]

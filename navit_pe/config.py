@@ -22,7 +22,7 @@ class NaViTConfig:
     max_seq_len: int = 256  # tokens per packed sequence when the model packs a list of images itself
     attention: str = "auto"  # "dense" (block-diagonal mask over L), "varlen" (per-image buckets), "auto":
     #                          varlen unless the encoding adds an L x L attention bias (relative)
-    varlen_granularity: int = 16  # varlen: image lengths are rounded up to a multiple of this
+    varlen_granularity: int = 1  # varlen: images whose lengths round up to the same multiple share a bucket
     # -- positional-encoding options (each encoding reads the ones it needs)
     pos_grid: int = 8  # learned_1d: side of the training grid its table is laid out on (8x8 = 32px / 4)
     max_grid: int = 16  # learned_2d, factorized: table side; positions beyond clamp to the last entry

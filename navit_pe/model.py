@@ -72,16 +72,18 @@ class _Regroup(torch.autograd.Function):
 
 
 class Segments:
-    """Variable-length ("varlen") attention over the images of a packed batch.
+    """The varlen layout: the real tokens of a packed batch regrouped image by image.
 
     Dense attention over a packed sequence costs L x L per sequence although each token only
-    sees its own image. Here the tokens of every image are gathered into buckets of images of
-    similar length (rounded up to `granularity`), attention runs per bucket, and the results
-    are gathered back: the cost per token follows its image's length instead of L. Built once
-    per forward from the image ids; exact (slots beyond an image's length are masked keys).
+    sees its own image. NaViT therefore runs on the "slot layout": once per forward the real
+    tokens are gathered into buckets of images of equal length (with `granularity` > 1, lengths
+    rounded up to the same multiple share a bucket, padded to its longest image), every block
+    runs on [1, S, dim], attention runs bucket by bucket, and the packing padding costs nothing.
+    The cost of attention per token follows its own image's length instead of L. Exact: slots
+    beyond an image's length are masked keys and count as padding.
     """
 
-    def __init__(self, image_ids: Tensor, granularity: int = 16):
+    def __init__(self, image_ids: Tensor, granularity: int = 1):
         dev = image_ids.device
         flat = image_ids.reshape(-1)
         real = (flat >= 0).nonzero().squeeze(1)
@@ -95,8 +97,9 @@ class Segments:
         # slots: bucket by bucket, image by image, `lb` slots per image of a bucket
         perm, valid_slots, self.buckets = [], [], []
         offset = 0
-        for lb in torch.unique(padded).tolist():
-            imgs = (padded == lb).nonzero().squeeze(1)
+        for bucket in torch.unique(padded).tolist():
+            imgs = (padded == bucket).nonzero().squeeze(1)
+            lb = int(lengths[imgs].max())  # the bucket's longest image sets its length
             pos = torch.arange(lb, device=dev)
             valid = pos[None] < lengths[imgs][:, None]  # [n_b, lb]
             src = (starts[imgs][:, None] + pos[None]).clamp(max=max(len(tokens) - 1, 0))
@@ -118,18 +121,27 @@ class Segments:
     def to_tokens(self, x: Tensor) -> Tensor:
         return _Regroup.apply(x, self.inv, self.pad_tokens, self.perm, self.pad_slots)
 
+    def context(self, ctx: PosContext) -> PosContext:
+        """The packed context in slot layout [1, S]; unused slots count as padding."""
+        def take(t: Tensor, pad) -> Tensor:
+            flat = t.reshape(-1, *t.shape[2:]).index_select(0, self.perm)
+            flat[self.pad_slots] = pad
+            return flat.unsqueeze(0)
+        return PosContext(take(ctx.coords, 0), take(ctx.grid, 0), take(ctx.is_cls, False),
+                          take(ctx.image_ids, -1))
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v [B, h, L, d] -> attention output [B, L, h*d] (zeros on padding tokens)."""
-        B, h, L, d = q.shape
-        # token-major, then every bucket's images side by side: [(n_b lb), h, d]
-        q, k, v = (self.to_slots(t.transpose(1, 2).reshape(B * L, h, d)) for t in (q, k, v))
+        """q, k, v [S, h, d] in slot layout -> attention output [S, h*d], bucket by bucket."""
+        S, h, d = q.shape
+        # split, not slice: a slice's backward writes a zero tensor of the full size per bucket;
+        # plain view/transpose here, this loop runs once per bucket and layer
+        sizes = [nb * lb for _, nb, lb, _ in self.buckets]
         outs = []
-        for start, nb, lb, mask in self.buckets:
-            qb, kb, vb = (rearrange(t[start:start + nb * lb], "(n l) h d -> n h l d", n=nb) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
-            outs.append(rearrange(o, "n h l d -> (n l) (h d)"))
-        # back into the packed layout
-        return self.to_tokens(torch.cat(outs)).view(B, L, h * d)
+        for (_, nb, lb, mask), qb, kb, vb in zip(self.buckets, q.split(sizes), k.split(sizes), v.split(sizes)):
+            o = F.scaled_dot_product_attention(qb.view(nb, lb, h, d).transpose(1, 2), kb.view(nb, lb, h, d).transpose(1, 2),
+                                               vb.view(nb, lb, h, d).transpose(1, 2), attn_mask=mask)
+            outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
+        return torch.cat(outs)
 
 
 class Attention(nn.Module):
@@ -140,26 +152,29 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext,
+    def forward(self, x: Tensor, mask: Tensor | None, pe: PosEncoding, ctx: PosContext,
                 segments: Segments | None = None) -> Tensor:
-        # project, split heads; attention itself runs in fp32 (bf16 SDPA backward is slow on CPU)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).float()
-        # positional hooks: rotate q and k, then an additive bias on the logits
-        q, k = pe.rotate(q, k, ctx, self.layer)
-        bias = pe.attn_bias(q, ctx, self.layer)
-        if segments is not None and bias is None:  # varlen: each image attends within itself
-            out = segments.attend(q, k, v)
-        else:
-            if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
-                scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-                if bias is not None:
-                    scores = scores + bias
-                probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-                out = probs @ v + pe.attn_value(probs, ctx, self.layer)
-            else:  # dense block-diagonal mask over the whole sequence
-                attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            out = rearrange(out, "b h n d -> b n (h d)")
+        """x [B, L, dim] in packed layout with a dense `mask`, or [1, S, dim] in the slot layout
+        of `segments` (tokens grouped by image, see Segments)."""
+        qkv = self.qkv(x)
+        with torch.autocast(x.device.type, enabled=False):  # attention in fp32: bf16 SDPA backward is slow on CPU
+            q, k, v = rearrange(qkv.float(), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+            # positional hooks: rotate q and k, then an additive bias on the logits
+            q, k = pe.rotate(q, k, ctx, self.layer)
+            if segments is not None:  # varlen: each image attends within its own bucket
+                out = segments.attend(*(t[0].transpose(0, 1) for t in (q, k, v))).unsqueeze(0)
+            else:
+                bias = pe.attn_bias(q, ctx, self.layer)
+                if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
+                    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+                    if bias is not None:
+                        scores = scores + bias
+                    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+                    out = probs @ v + pe.attn_value(probs, ctx, self.layer)
+                else:  # dense block-diagonal mask over the whole sequence
+                    attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+                out = rearrange(out, "b h n d -> b n (h d)")
         # merged heads, projected back
         return self.drop(self.proj(out.to(x.dtype)))
 
@@ -283,35 +298,40 @@ class NaViT(nn.Module):
             batch = drop_tokens(batch, self.token_drop)
         n = batch.num_images
         ctx = PosContext(batch.coords, batch.grid, batch.is_cls, batch.image_ids)
+        patches = batch.patches
+        # layout: varlen (tokens regrouped by image, once, for the whole forward) unless the
+        # encoding adds an L x L bias, which needs the dense mask over the packed sequence
+        mask = segments = None
+        if self.config.attention == "dense" or self.pos.uses_bias:
+            mask = batch.attention_mask()
+        else:
+            segments = Segments(batch.image_ids, self.config.varlen_granularity)
+            ctx = segments.context(ctx)
+            patches = segments.to_slots(patches.reshape(-1, patches.shape[-1])).unsqueeze(0)
         # embed patches; the CLS slots take the learned CLS token
-        h = self.patch_embed(batch.patches)
+        h = self.patch_embed(patches)
         if self.cls_token is not None:
-            h = torch.where(batch.is_cls.unsqueeze(-1), self.cls_token.to(h.dtype), h)
-        # additive positional embedding (zero for encodings that act inside attention)
+            h = torch.where(ctx.is_cls.unsqueeze(-1), self.cls_token.to(h.dtype), h)
+        # additive positional embedding (none for encodings that act inside attention)
         emb = self.pos.embed(ctx)
         if emb is not None:
             h = h + emb.to(h.dtype)
         h = self.drop(h)
-        # transformer blocks, attention block-diagonal over images: varlen buckets where the
-        # encoding adds no L x L bias, else a dense mask
-        mask = batch.attention_mask()
-        segments = None
-        if self.config.attention == "varlen" or (self.config.attention == "auto" and not self.pos.uses_bias):
-            segments = Segments(batch.image_ids, self.config.varlen_granularity)
+        # transformer blocks; no token ever attends to another image
         for block in self.blocks:
             h = block(h, mask, self.pos, ctx, segments)
         h = self.norm(h)
         # pool each image on its own, in image-id order
-        return self.head(self._pool(h, batch, n))
+        return self.head(self._pool(h, ctx, n))
 
-    def _pool(self, h: Tensor, batch: PackedBatch, n: int) -> Tensor:
+    def _pool(self, h: Tensor, ctx: PosContext, n: int) -> Tensor:
         pool = self.config.pool
         if pool == "cls":
             out = torch.empty(n, h.shape[-1], dtype=h.dtype, device=h.device)
-            out[batch.image_ids[batch.is_cls]] = h[batch.is_cls]
+            out[ctx.image_ids[ctx.is_cls]] = h[ctx.is_cls]
             return out
-        sel = batch.is_patch
-        tokens, ids = h[sel], batch.image_ids[sel]
+        sel = ctx.is_patch
+        tokens, ids = h[sel], ctx.image_ids[sel]
         if pool == "mean":
             return segment_mean(tokens, ids, n)
         return self.attn_pool(tokens, ids, n)

@@ -136,3 +136,28 @@ def test_param_groups_cover_every_parameter_once():
     no_decay = {id(p) for p in groups[1]["params"]}
     assert id(m.blocks[0].norm1.weight) in no_decay and id(m.blocks[0].mlp.fc1.bias) in no_decay
     assert id(m.blocks[0].mlp.fc1.weight) not in no_decay
+
+
+@pytest.mark.parametrize("granularity", [1, 16])
+@pytest.mark.parametrize("pos", POS_EMBEDS)
+def test_varlen_equals_dense_attention(pos, granularity):
+    """The varlen layout (tokens regrouped by image) and the dense block-diagonal mask over the
+    packed sequence compute the same logits and the same gradients."""
+    m = model(pos, "cls", varlen_granularity=granularity)
+    batch = pack(images(), 4, 64, labels=[0, 1, 2, 3, 4, 0], cls_token=True)
+    outs, grads = {}, {}
+    for attention in ("dense", "auto"):
+        m.config.attention = attention
+        m.zero_grad()
+        out = m(batch)
+        torch.nn.functional.cross_entropy(out, batch.labels).backward()
+        outs[attention] = out.detach()
+        grads[attention] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert (outs["dense"] - outs["auto"]).abs().max().item() <= 1e-5
+    for n, g in grads["dense"].items():
+        assert torch.allclose(g, grads["auto"][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_varlen_refuses_an_attention_bias():
+    with pytest.raises(ValueError, match="varlen"):
+        NaViT("relative", attention="varlen")
