@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_out_dir, check_resolutions,
                             label_runs, load_run, markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
 
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    relaunch_cpu_multiprocess()  # `accelerate launch --num_processes N --cpu` alone starts one process
     from accelerate import Accelerator
 
     accelerator = Accelerator()

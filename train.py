@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.posenc import POS_EMBEDS
-from navit_pe.trainer import TrainConfig, UsageError, check_config, train
+from navit_pe.trainer import TrainConfig, UsageError, check_config, check_data, check_out_dir, train
 
 HELP = {
     "pos_embed": f"positional encoding: {', '.join(POS_EMBEDS)}",
@@ -26,6 +26,7 @@ HELP = {
     "mixed_precision": "no or bf16",
     "token_drop": "fraction of patches dropped per image in training",
     "stop_after": "stop after this global step, with a checkpoint (for tests and time-boxed runs)",
+    "num_workers": "DataLoader workers per process; -1: none on a CPU-only machine of <= 4 cores, else 2",
 }
 
 
@@ -43,7 +44,10 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        check_config(cfg)  # bad flags fail here, once, before any process is started
+        # bad input fails here, once, before any further process is started
+        check_config(cfg)
+        check_out_dir(cfg.run_dir())
+        check_data(cfg)
         relaunch_cpu_multiprocess()
         train(cfg)
     except UsageError as e:

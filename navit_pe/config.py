@@ -1,5 +1,5 @@
-"""Model configuration: one dataclass, saved with every checkpoint (config.json), from which
-`NaViT.from_config` / `NaViT.from_pretrained` rebuild the model alone."""
+"""Model configuration: one dataclass, saved with every model (config.json), from which
+`NaViT(config)` / `NaViT.from_pretrained(run_dir)` rebuild the model alone."""
 from __future__ import annotations
 
 import json
@@ -20,8 +20,8 @@ class NaViTConfig:
     dropout: float = 0.1  # dropout on the patch embedding, the attention output and the MLP
     pool: str = "cls"  # "cls" (CLS token per image), "mean" (masked mean), "attn" (attention pooling)
     max_seq_len: int = 256  # tokens per packed sequence when the model packs a list of images itself
-    attention: str = "auto"  # "dense" (block-diagonal mask over L), "varlen" (per-image buckets), "auto":
-    #                          varlen unless the encoding adds an L x L attention bias (relative)
+    attention: str = "auto"  # "dense" (block-diagonal mask over L), "varlen" (tokens regrouped by image),
+    #                          "auto": varlen unless the encoding acts on the L x L logits (relative)
     varlen_granularity: int = 1  # varlen: images whose lengths round up to the same multiple share a bucket
     # -- positional-encoding options (each encoding reads the ones it needs)
     pos_grid: int = 8  # learned_1d: side of the training grid its table is laid out on (8x8 = 32px / 4)
@@ -62,5 +62,7 @@ class NaViTConfig:
             raise ValueError(f"unknown pool {self.pool!r}; choose one of cls, mean, attn")
         if self.attention not in ("auto", "dense", "varlen"):
             raise ValueError(f"unknown attention {self.attention!r}; choose one of auto, dense, varlen")
+        if self.varlen_granularity < 1:
+            raise ValueError(f"varlen_granularity must be at least 1, got {self.varlen_granularity}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")

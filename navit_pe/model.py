@@ -3,7 +3,9 @@
 `NaViT.forward` reads a PackedBatch (or packs a list of images itself) and returns one row
 of logits per image, in image-id order. The positional encoding plugs in through the three
 hooks of `navit_pe.posenc.base.PosEncoding`: an additive token embedding, an additive
-attention bias, and a rotation of q and k.
+attention bias (with, for Shaw's relative encoding, its value term), and a rotation of q and k.
+The blocks run either on the varlen layout (`Segments`: tokens regrouped by image) or, for
+encodings that act on the L x L logits, on the packed layout with a dense block-diagonal mask.
 """
 from __future__ import annotations
 
@@ -56,21 +58,6 @@ class Dropout(nn.Module):
 
 
 # ----------------------------------------------------------------------------- blocks
-class _Regroup(torch.autograd.Function):
-    """y = x[idx] with rows `zero` set to 0; the backward is the inverse gather, so neither
-    direction needs a scatter-add (index_select's own backward is a slow index_add on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, idx, zero, inv, inv_zero):
-        ctx.save_for_backward(inv, inv_zero)
-        return x.index_select(0, idx).index_fill_(0, zero, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inv, inv_zero = ctx.saved_tensors
-        return grad.index_select(0, inv).index_fill_(0, inv_zero, 0), None, None, None, None
-
-
 class Segments:
     """The varlen layout: the real tokens of a packed batch regrouped image by image.
 
@@ -111,15 +98,10 @@ class Segments:
         self.perm = torch.cat(perm) if perm else flat.new_zeros(0)  # slot -> token
         slot_ok = torch.cat(valid_slots) if valid_slots else flat.new_zeros(0, dtype=torch.bool)
         self.pad_slots = (~slot_ok).nonzero().squeeze(1)
-        self.inv = torch.zeros_like(flat)  # token -> slot
-        self.inv[self.perm[slot_ok]] = slot_ok.nonzero().squeeze(1)
-        self.pad_tokens = (flat < 0).nonzero().squeeze(1)
 
     def to_slots(self, x: Tensor) -> Tensor:
-        return _Regroup.apply(x, self.perm, self.pad_slots, self.inv, self.pad_tokens)
-
-    def to_tokens(self, x: Tensor) -> Tensor:
-        return _Regroup.apply(x, self.inv, self.pad_tokens, self.perm, self.pad_slots)
+        """x [B*L, ...] in packed order -> [S, ...] in slot order (zeros on unused slots)."""
+        return x.index_select(0, self.perm).index_fill_(0, self.pad_slots, 0)
 
     def context(self, ctx: PosContext) -> PosContext:
         """The packed context in slot layout [1, S]; unused slots count as padding."""
@@ -127,6 +109,7 @@ class Segments:
             flat = t.reshape(-1, *t.shape[2:]).index_select(0, self.perm)
             flat[self.pad_slots] = pad
             return flat.unsqueeze(0)
+
         return PosContext(take(ctx.coords, 0), take(ctx.grid, 0), take(ctx.is_cls, False),
                           take(ctx.image_ids, -1))
 
@@ -249,7 +232,7 @@ class NaViT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "cls" else None
         self.pos = build_posenc(cfg.pos_embed, cfg)
-        if cfg.attention == "varlen" and self.pos.uses_bias:
+        if cfg.attention == "varlen" and self._needs_dense():
             raise ValueError(f"attention='varlen' cannot add the L x L bias of {cfg.pos_embed!r}; "
                              f"use attention='auto' or 'dense'")
         self.drop = Dropout(cfg.dropout)
@@ -261,6 +244,10 @@ class NaViT(nn.Module):
         self.apply(self._init_weights)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+
+    def _needs_dense(self) -> bool:
+        """Encodings acting on the L x L logits (bias or value term) need the packed layout."""
+        return self.pos.uses_bias or self.pos.value_term
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -302,7 +289,7 @@ class NaViT(nn.Module):
         # layout: varlen (tokens regrouped by image, once, for the whole forward) unless the
         # encoding adds an L x L bias, which needs the dense mask over the packed sequence
         mask = segments = None
-        if self.config.attention == "dense" or self.pos.uses_bias:
+        if self.config.attention == "dense" or self._needs_dense():
             mask = batch.attention_mask()
         else:
             segments = Segments(batch.image_ids, self.config.varlen_granularity)

@@ -92,17 +92,15 @@ class PackedBatch:
         ids = self.image_ids[self.is_patch]
         return torch.bincount(ids, minlength=self.num_images)
 
+    def _map(self, fn) -> "PackedBatch":
+        return PackedBatch(**{f.name: (fn(v) if isinstance(v, Tensor) else v)
+                              for f in fields(self) for v in [getattr(self, f.name)]})
+
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        moved = {
-            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return PackedBatch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":  # lets torch DataLoader(pin_memory=True) work
-        return PackedBatch(**{f.name: (v.pin_memory() if isinstance(v, Tensor) else v)
-                              for f in fields(self) for v in [getattr(self, f.name)]})
+        return self._map(lambda t: t.pin_memory())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -267,8 +265,6 @@ class StreamPacker:
                 yield _assemble(bins, self.max_seq_len, patch_dim, self.cls_token, dtype)
         while buffer:  # flush
             bins, buffer = self._fill(buffer)
-            if not self.fixed_batches:
-                bins = [b for b in bins if b]
             yield _assemble(bins, self.max_seq_len, patch_dim, self.cls_token, dtype)
 
 

@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exn).split())  # guarantee a single line
         print(f"prepare_cifar: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exn:  # e.g. an --out that cannot be created, a full disk
+        print(f"prepare_cifar: error: {exn.strerror}: {exn.filename}; pass a writable --out",
+              file=sys.stderr)
+        return 2
     return 0
 
 

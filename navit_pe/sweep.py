@@ -212,6 +212,7 @@ class Sweep:
     runs: list[Run]
     resolutions: list[Res]
     cells: dict[tuple[int, Res], tuple[int, int]] = field(default_factory=dict)  # (run index, res) -> (correct, total)
+    num_processes: int = 1  # processes whose counts were summed
 
     def acc(self, i: int, res: Res) -> float:
         correct, total = self.cells[i, res]
@@ -226,7 +227,8 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=No
     for r in runs:
         check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
     ddirs = [data_dir(r, data_root) for r in runs]  # all data found before any evaluation
-    sweep = Sweep(list(runs), list(resolutions))
+    sweep = Sweep(list(runs), list(resolutions),
+                  num_processes=accelerator.num_processes if accelerator is not None else 1)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
@@ -288,7 +290,7 @@ def to_json(sweep: Sweep) -> dict:
             cells[res_key(res)] = dict(height=res[0], width=res[1], acc=sweep.acc(i, res), correct=correct,
                                        total=total, in_train_range=run.in_train_range(res))
         runs.append(dict(run.metadata(), results=cells))
-    return dict(resolutions=[res_key(r) for r in sweep.resolutions], runs=runs)
+    return dict(resolutions=[res_key(r) for r in sweep.resolutions], num_processes=sweep.num_processes, runs=runs)
 
 
 def write_outputs(sweep: Sweep, out: Path) -> dict[str, Path]:

@@ -42,7 +42,8 @@ class TrainConfig:
     eval_res: int = 32  # side of the test images evaluated at each epoch end
     randaug_ops: int = 2  # RandAugment ops per image (0: off)
     randaug_magnitude: int = 9  # RandAugment magnitude (0..30)
-    num_workers: int = 1  # DataLoader workers per process
+    num_workers: int = -1  # DataLoader workers per process; -1: 0 on a CPU-only machine of <= 4 cores
+    #                        (a worker would take cores from the model's threads), else 2
     # -- model
     pos_embed: str = "sincos"  # one of navit_pe.posenc.POS_EMBEDS
     pool: str = "cls"  # cls, mean or attn
@@ -93,10 +94,16 @@ def check_config(cfg: TrainConfig) -> ResolutionSampler:
         raise UsageError(f"--mixed-precision must be no or bf16, got {cfg.mixed_precision!r}")
     if not 0 <= cfg.token_drop < 1:
         raise UsageError(f"--token-drop must be in [0, 1), got {cfg.token_drop}")
-    if cfg.dim % cfg.heads:
-        raise UsageError(f"--dim {cfg.dim} is not divisible by --heads {cfg.heads}")
-    if cfg.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {cfg.epochs}")
+    for name in ("epochs", "patch_size", "dim", "depth", "heads", "batch_images", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and cfg.min_lr >= 0 and cfg.weight_decay >= 0 and 0 <= cfg.dropout < 1):
+        raise UsageError("need --lr > 0, --min-lr >= 0, --weight-decay >= 0 and 0 <= --dropout < 1")
+    try:  # everything the model itself checks (dim vs heads, dim divisible by 4 for sin-cos, ...)
+        NaViT(cfg.model_config(num_classes=10))
+    except ValueError as e:
+        raise UsageError(f"model: {e}") from None
     try:
         lo, hi = parse_res(cfg.train_res, cfg.patch_size)
         sampler = ResolutionSampler(lo, hi, cfg.patch_size, parse_aspect(cfg.aspect))
@@ -154,7 +161,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     """Linear warmup from 0 to `lr`, then cosine from `lr` to `min_lr` at the last step."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    t = (step - warmup) / max(1, total - warmup - 1)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -179,6 +186,24 @@ def list_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first (incomplete ones are hidden .tmp directories)."""
     ckdir = run / "checkpoints"
     return sorted(p for p in ckdir.glob("step_*") if p.is_dir()) if ckdir.is_dir() else []
+
+
+# settings that may change when a run is resumed (all others must match the saved run)
+RESUMABLE = {"resume", "stop_after", "out", "log_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def check_same_run(cfg: TrainConfig, run: Path, extra: dict) -> None:
+    """On resume, refuse settings that would change the data order, schedule or model."""
+    saved_path = run / "train_config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = {**asdict(cfg), **extra}
+    diff = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise UsageError(f"--resume: {k} is {now[k]!r} but the run was started with {saved[k]!r}; "
+                         f"resume with the run's own settings or start a new --out")
 
 
 def resolve_resume(cfg: TrainConfig, run: Path) -> Path | None:
@@ -247,7 +272,8 @@ def train(cfg: TrainConfig) -> dict:
     run = cfg.run_dir()
     check_out_dir(run)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=_tracker(), project_dir=str(run))
-    ddir, meta = check_data(cfg)
+    with accelerator.main_process_first():  # only one process prepares missing shards
+        ddir, meta = check_data(cfg)
     set_seed(cfg.seed, device_specific=True)
     world, main = accelerator.num_processes, accelerator.is_main_process
 
@@ -263,13 +289,16 @@ def train(cfg: TrainConfig) -> dict:
     transform = TrainTransform(randaugment=cfg.randaug_ops > 0, num_ops=max(cfg.randaug_ops, 1),
                                magnitude=cfg.randaug_magnitude)
 
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (
+        0 if accelerator.device.type == "cpu" and (os.cpu_count() or 1) <= 4 else 2)
+
     def train_loader(epoch: int) -> DataLoader:
         stream = TrainStream(ddir, sampler, transform, cfg.patch_size, cfg.max_seq_len, batch_seqs, cls,
                              seed=cfg.seed, epoch=epoch, buffer_size=max(64, 4 * round(imgs_per_step / world)))
         # an explicit generator: creating the loader must not draw from the global RNG (resume)
-        return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+        return DataLoader(stream, batch_size=None, num_workers=workers,
                           generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
-                          persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
 
     # -- model, optimizer (no weight decay on norms, biases, RoPE frequencies), prepare
     mcfg = cfg.model_config(len(meta["classes"]))
@@ -281,14 +310,17 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.register_for_checkpointing(progress)
 
     # -- resume: same data order, schedule and RNG state as an uninterrupted run
+    extra = {"world_size": world, "resolved_num_workers": workers}  # they shape the data order too
     ckpt = resolve_resume(cfg, run)
+    if ckpt is not None:
+        check_same_run(cfg, run, extra)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.global_step}")
     elif cfg.resume == "latest":
         accelerator.print(f"no checkpoint in {run / 'checkpoints'}, starting from scratch")
     if main:
-        (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (run / "train_config.json").write_text(json.dumps({**asdict(cfg), **extra}, indent=2) + "\n")
         mcfg.save(run / "config.json")
     if _tracker():
         accelerator.init_trackers("navit-pe", config={k: v for k, v in asdict(cfg).items() if v is not None})
@@ -297,8 +329,9 @@ def train(cfg: TrainConfig) -> dict:
                       f"{world} process(es) x {batch_seqs} sequences x {cfg.max_seq_len} tokens, "
                       f"{spe} steps/epoch, {cfg.epochs} epochs, data {ddir}")
 
-    # -- loop
-    result = {}
+    # -- loop (a resumed run that had already finished keeps its results)
+    done = run / "results.json"
+    result = json.loads(done.read_text()) if progress.epoch >= cfg.epochs and done.is_file() else {}
     stopped = False
     unwrapped = accelerator.unwrap_model(model)
     for epoch in range(progress.epoch, cfg.epochs):
@@ -327,7 +360,8 @@ def train(cfg: TrainConfig) -> dict:
 
             # -- throughput and metrics (this process's figures x processes)
             n_img += batch.num_images * world
-            n_tok += int(batch.is_patch.sum()) * world
+            per_image = batch.tokens_per_image()  # patches the model sees (after token dropping)
+            n_tok += int(torch.clamp(torch.round(per_image * (1 - cfg.token_drop)), min=1).sum()) * world
             eff_sum += batch.efficiency()
             loss_sum += loss.item()
             n_steps += 1
@@ -342,9 +376,10 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}",
                                 tok_s=f"{row['tokens_per_s']:.0f}", eff=f"{row['efficiency']:.1%}")
                 t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
-            if progress.step_in_epoch < spe and progress.global_step % cfg.checkpoint_every == 0:
+            stopping = bool(cfg.stop_after) and progress.global_step >= cfg.stop_after
+            if progress.step_in_epoch < spe and progress.global_step % cfg.checkpoint_every == 0 and not stopping:
                 save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
-            if cfg.stop_after and progress.global_step >= cfg.stop_after:
+            if stopping:
                 stopped = True
                 break
         bar.close()
@@ -370,6 +405,8 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
 
     # -- end: the final model, rebuildable from config.json + model.safetensors alone
+    if world > 1:
+        print(f"rank {accelerator.process_index}: {progress.global_step} steps", flush=True)
     accelerator.wait_for_everyone()
     if not stopped and main:
         unwrapped.save_pretrained(run)

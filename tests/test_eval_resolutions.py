@@ -127,7 +127,9 @@ def test_two_processes_same_counts(runs, sweep_out, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| rope @16:32 |") == 1  # only the main process prints the table
     one = {r["label"]: r["results"] for r in json.loads((out1 / "accuracy.json").read_text())["runs"]}
-    two = json.loads((out2 / "accuracy.json").read_text())["runs"]
+    two_json = json.loads((out2 / "accuracy.json").read_text())
+    assert two_json["num_processes"] == 2
+    two = two_json["runs"]
     assert [r["label"] for r in two] == ["rope @16:32"]
     assert two[0]["results"] == one["rope @16:32"]
 

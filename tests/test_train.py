@@ -54,12 +54,12 @@ def test_smoke_one_epoch(tiny_shards, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
-    args = ["--epochs", "2", "--steps-per-epoch", "2", "--pos-embed", "relative", "--token-drop", "0.2"]
+    args = ["--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "relative", "--token-drop", "0.2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     ok(run_train(tiny_shards, straight, *args))
-    proc = ok(run_train(tiny_shards, resumed, *args, "--stop-after", "2"))
+    proc = ok(run_train(tiny_shards, resumed, *args, "--stop-after", "3"))  # mid-epoch
     assert not (resumed / "model.safetensors").exists()
-    assert "stopped after step 2" in proc.stdout + proc.stderr
+    assert "stopped after step 3" in proc.stdout + proc.stderr
     ok(run_train(tiny_shards, resumed, *args, "--resume", "latest"))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
@@ -67,6 +67,18 @@ def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
     # and the run really trained: weights moved away from a fresh init
     fresh = NaViT(NaViT.from_pretrained(straight).config).state_dict()
     assert max((a[k] - fresh[k]).abs().max().item() for k in a if "weight" in k) > 1e-4
+
+
+def test_resume_checks_settings_and_keeps_finished_results(tiny_shards, tmp_path):
+    run = tmp_path / "done"
+    args = ["--epochs", "1", "--steps-per-epoch", "2", "--pos-embed", "sincos"]
+    ok(run_train(tiny_shards, run, *args))
+    before = json.loads((run / "results.json").read_text())
+    assert before["test_images"] == 30
+    ok(run_train(tiny_shards, run, *args, "--resume", "latest"))  # already finished: nothing lost
+    assert json.loads((run / "results.json").read_text()) == before
+    proc = run_train(tiny_shards, run, *args, "--lr", "1e-3", "--resume", "latest")
+    assert proc.returncode == 2 and "lr" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_sigkill_then_resume(tiny_shards, tmp_path):
@@ -100,7 +112,9 @@ def test_two_processes(tiny_shards, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
     proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "rope",
                         "--num-workers", "0", launcher=launcher, timeout=300))
-    assert "2 process(es)" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "2 process(es)" in out
+    assert "rank 0: 6 steps" in out and "rank 1: 6 steps" in out  # no rank stopped early
     evals = [r for r in metrics(run) if "test_acc" in r]
     assert [r["test_images"] for r in evals] == [30, 30]  # the test set once, over both ranks
     assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 6  # both ranks: 3 steps an epoch
@@ -112,6 +126,9 @@ def test_two_processes(tiny_shards, tmp_path):
     (["--train-res", "30"], "multiple"),
     (["--train-res", "16:64"], "max-seq-len"),
     (["--mixed-precision", "fp8"], "mixed-precision"),
+    (["--heads", "0"], "--heads must be at least 1"),
+    (["--dim", "34", "--heads", "2"], "divisible by 4"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
 ])
 def test_bad_flags_one_line_exit_2(tiny_shards, tmp_path, args, match):
     proc = run_train(tiny_shards, tmp_path / "bad", *args)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -245,19 +244,3 @@ def test_eval_transform() -> None:
     assert torch.equal(x, tf(img, (16, 48)))
     assert torch.equal(x, to_tensor(img.resize((48, 16), Image.Resampling.BICUBIC)))
     assert torch.equal(tf(img, (32, 32)), to_tensor(img))
-
-
-def test_train_timing_report() -> None:
-    """Not a timed test: prints per-image cost (run with -s to see it)."""
-    img = _rand_img(6)
-    for ra in (False, True):
-        tf = TrainTransform(randaugment=ra)
-        rng = random.Random(0)
-        for _ in range(50):
-            tf(img, rng, (32, 32))
-        n = 2000
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tf(img, rng, (32, 32))
-        us = (time.perf_counter() - t0) / n * 1e6
-        print(f"\nTrainTransform(randaugment={ra}) 32x32 -> (32, 32): {us:.1f} us/image")

@@ -12,6 +12,11 @@ All hooks receive a `PosContext` built once per forward from the PackedBatch, so
 inside packed sequences and on any grid: coordinates and grids come from the data, nothing
 is precomputed for a fixed size. Per-forward tensors an encoding derives (rotation angles,
 clamped distance indices) go into `ctx.cache` and are shared by all blocks.
+
+Layouts: the context is [B, L] in the packed layout, or [1, S] in the model's varlen layout
+(tokens regrouped image by image; unused slots look like padding: image_ids -1, grid 0).
+Hooks must treat every token by its own fields only (the bias hooks, which pair tokens, are
+only ever called in the packed layout).
 """
 from __future__ import annotations
 
@@ -66,6 +71,9 @@ class PosEncoding(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of parameters to exclude from weight decay."""
         return set()
+
+
+CLS_ZERO = "no position added (zero vector); the CLS token is its own learned vector"
 
 
 def zero_cls_and_padding(emb: Tensor, ctx: PosContext) -> Tensor:

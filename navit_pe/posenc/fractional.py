@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import NaViTConfig
-from .base import PosContext, PosEncoding, zero_cls_and_padding
+from .base import CLS_ZERO, PosContext, PosEncoding, zero_cls_and_padding
 from .learned import lookup
 from .sincos import sincos_2d
 
@@ -36,7 +36,7 @@ def fractional_coords(ctx: PosContext) -> Tensor:
 
 class Fractional(PosEncoding):
     name = "fractional"
-    cls_handling = "no position added (zero vector); the CLS token is its own learned vector"
+    cls_handling = CLS_ZERO
     uses_embed = True
 
     def __init__(self, cfg: NaViTConfig):
@@ -52,7 +52,10 @@ class Fractional(PosEncoding):
                 raise ValueError(f"fractional fourier needs an even dim, got {cfg.dim}")
             self.freqs = nn.Parameter(torch.randn(2, cfg.dim // 2) * FOURIER_STD)
             self.proj = nn.Linear(cfg.dim, cfg.dim)
-        elif self.fn != "sincos":
+        elif self.fn == "sincos":
+            if cfg.dim % 4:
+                raise ValueError(f"fractional sincos needs dim divisible by 4, got dim={cfg.dim}")
+        else:
             raise ValueError(f"fractional_fn must be 'table', 'sincos' or 'fourier', got {self.fn!r}")
 
     @staticmethod

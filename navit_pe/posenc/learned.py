@@ -17,9 +17,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..config import NaViTConfig
-from .base import PosContext, PosEncoding, zero_cls_and_padding
+from .base import CLS_ZERO, PosContext, PosEncoding, zero_cls_and_padding
 
-CLS_ZERO = "no position added (zero vector); the CLS token is its own learned vector"
 
 
 def _table(*shape: int) -> nn.Parameter:

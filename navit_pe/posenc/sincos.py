@@ -9,7 +9,7 @@ continues the same functions and a smaller one is a crop of them.
 import torch
 from torch import Tensor
 
-from .base import PosContext, PosEncoding, sincos_1d, zero_cls_and_padding
+from .base import CLS_ZERO, PosContext, PosEncoding, sincos_1d, zero_cls_and_padding
 
 
 def sincos_2d(coords: Tensor, dim: int, base: float = 10000.0) -> Tensor:
@@ -22,8 +22,13 @@ def sincos_2d(coords: Tensor, dim: int, base: float = 10000.0) -> Tensor:
 
 class SinCos2D(PosEncoding):
     name = "sincos"
-    cls_handling = "no position added (zero vector); the CLS token is its own learned vector"
+    cls_handling = CLS_ZERO
     uses_embed = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.dim % 4:
+            raise ValueError(f"sincos needs dim divisible by 4, got dim={cfg.dim}")
 
     def embed(self, ctx: PosContext) -> Tensor:
         return zero_cls_and_padding(sincos_2d(ctx.coords, self.cfg.dim), ctx)
