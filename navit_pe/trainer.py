@@ -314,7 +314,6 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = resolve_resume(cfg, run)
     if ckpt is not None:
         check_same_run(cfg, run, extra)
-    if ckpt is not None:
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.global_step}")
     elif cfg.resume == "latest":
