@@ -122,7 +122,7 @@ def check_config(cfg: TrainConfig) -> ResolutionSampler:
 def check_out_dir(run: Path) -> None:
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write_test"
+        probe = run / f".write_test_{os.getpid()}"  # per process: ranks check at the same time
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
