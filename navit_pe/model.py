@@ -82,8 +82,7 @@ class Segments:
         starts = torch.cumsum(lengths, 0) - lengths
         padded = (lengths + granularity - 1) // granularity * granularity
         # slots: bucket by bucket, image by image, `lb` slots per image of a bucket
-        perm, valid_slots, self.buckets = [], [], []
-        offset = 0
+        perm, valid_slots, self.buckets = [], [], []  # buckets: (images, length, key mask)
         for bucket in torch.unique(padded).tolist():
             imgs = (padded == bucket).nonzero().squeeze(1)
             lb = int(lengths[imgs].max())  # the bucket's longest image sets its length
@@ -93,8 +92,7 @@ class Segments:
             perm.append(torch.where(valid, tokens[src], torch.zeros_like(src)).reshape(-1))
             valid_slots.append(valid.reshape(-1))
             mask = None if bool(valid.all()) else valid[:, None, None, :]  # keys of each image
-            self.buckets.append((offset, len(imgs), lb, mask))
-            offset += len(imgs) * lb
+            self.buckets.append((len(imgs), lb, mask))
         self.perm = torch.cat(perm) if perm else flat.new_zeros(0)  # slot -> token
         slot_ok = torch.cat(valid_slots) if valid_slots else flat.new_zeros(0, dtype=torch.bool)
         self.pad_slots = (~slot_ok).nonzero().squeeze(1)
@@ -105,22 +103,20 @@ class Segments:
 
     def context(self, ctx: PosContext) -> PosContext:
         """The packed context in slot layout [1, S]; unused slots count as padding."""
-        def take(t: Tensor, pad) -> Tensor:
-            flat = t.reshape(-1, *t.shape[2:]).index_select(0, self.perm)
-            flat[self.pad_slots] = pad
-            return flat.unsqueeze(0)
+        def take(t: Tensor) -> Tensor:
+            return self.to_slots(t.reshape(-1, *t.shape[2:])).unsqueeze(0)
 
-        return PosContext(take(ctx.coords, 0), take(ctx.grid, 0), take(ctx.is_cls, False),
-                          take(ctx.image_ids, -1))
+        ids = take(ctx.image_ids).index_fill_(1, self.pad_slots, -1)
+        return PosContext(take(ctx.coords), take(ctx.grid), take(ctx.is_cls), ids)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q, k, v [S, h, d] in slot layout -> attention output [S, h*d], bucket by bucket."""
         S, h, d = q.shape
         # split, not slice: a slice's backward writes a zero tensor of the full size per bucket;
         # plain view/transpose here, this loop runs once per bucket and layer
-        sizes = [nb * lb for _, nb, lb, _ in self.buckets]
+        sizes = [nb * lb for nb, lb, _ in self.buckets]
         outs = []
-        for (_, nb, lb, mask), qb, kb, vb in zip(self.buckets, q.split(sizes), k.split(sizes), v.split(sizes)):
+        for (nb, lb, mask), qb, kb, vb in zip(self.buckets, q.split(sizes), k.split(sizes), v.split(sizes)):
             o = F.scaled_dot_product_attention(qb.view(nb, lb, h, d).transpose(1, 2), kb.view(nb, lb, h, d).transpose(1, 2),
                                                vb.view(nb, lb, h, d).transpose(1, 2), attn_mask=mask)
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
@@ -181,7 +177,7 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(cfg.dim), Attention(cfg, layer)
         self.norm2, self.mlp = nn.LayerNorm(cfg.dim), MLP(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor, pe: PosEncoding, ctx: PosContext,
+    def forward(self, x: Tensor, mask: Tensor | None, pe: PosEncoding, ctx: PosContext,
                 segments: Segments | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), mask, pe, ctx, segments)
         return x + self.mlp(self.norm2(x))
