@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .config import NaViTConfig
+from .cpu import keep_freed_memory
 from .data import DataError, ensure_prepared, load_meta
 from .evaluate import evaluate
 from .model import NaViT
@@ -267,6 +268,7 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    keep_freed_memory()  # reuse freed tensor memory instead of page-faulting fresh memory each step
     # -- checks, before any heavy work
     sampler = check_config(cfg)
     run = cfg.run_dir()
