@@ -153,14 +153,17 @@ class VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, buckets: list) -> Tensor:
+        qkv = qkv.contiguous()
         S, _, h, d = qkv.shape
-        outs, lses, off = [], [], 0
+        outs, lses, row = [], [], qkv.storage_offset()
         for nb, lb, mask in buckets:
-            q, k, v = qkv[off:off + nb * lb].view(nb, lb, 3, h, d).permute(2, 0, 3, 1, 4)
+            # "(n l) three h d -> three n h l d" for this bucket's rows, as three strided views
+            size, stride = (nb, h, lb, d), (lb * 3 * h * d, d, 3 * h * d, 1)
+            q, k, v = (qkv.as_strided(size, stride, row + i * h * d) for i in range(3))
             o, lse = _CPU_FLASH(q, k, v, attn_mask=mask)
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # a view: o is laid out [n, l, h, d]
             lses.append(lse)
-            off += nb * lb
+            row += nb * lb * 3 * h * d
         out = torch.cat(outs)
         ctx.buckets = buckets
         ctx.save_for_backward(qkv, out, *lses)
@@ -172,16 +175,17 @@ class VarlenAttention(torch.autograd.Function):
         S, _, h, d = qkv.shape
         grad = grad.contiguous()
         dqkv = torch.empty_like(qkv)
-        off = 0
+        row, row_o = 0, 0  # offsets into qkv / dqkv (3 h d per token) and into out / grad (h d)
         for (nb, lb, mask), lse in zip(ctx.buckets, lses):
-            rows = slice(off, off + nb * lb)
-            q, k, v = qkv[rows].view(nb, lb, 3, h, d).permute(2, 0, 3, 1, 4)
-            g, o = (t[rows].view(nb, lb, h, d).transpose(1, 2) for t in (grad, out))
-            dq, dk, dv = _CPU_FLASH_BWD(g, q, k, v, o, lse, 0.0, False, attn_mask=mask)
-            dst = dqkv[rows].view(nb, lb, 3, h, d).permute(2, 0, 3, 1, 4)
-            for i, t in enumerate((dq, dk, dv)):
-                dst[i].copy_(t)
-            off += nb * lb
+            size, stride, stride_o = (nb, h, lb, d), (lb * 3 * h * d, d, 3 * h * d, 1), (lb * h * d, d, h * d, 1)
+            q, k, v = (qkv.as_strided(size, stride, qkv.storage_offset() + row + i * h * d) for i in range(3))
+            g = grad.as_strided(size, stride_o, grad.storage_offset() + row_o)
+            o = out.as_strided(size, stride_o, out.storage_offset() + row_o)
+            grads = _CPU_FLASH_BWD(g, q, k, v, o, lse, 0.0, False, attn_mask=mask)
+            for i, t in enumerate(grads):
+                dqkv.as_strided(size, stride, row + i * h * d).copy_(t)
+            row += nb * lb * 3 * h * d
+            row_o += nb * lb * h * d
         return dqkv, None
 
 
