@@ -19,6 +19,7 @@ from pathlib import Path
 from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_out_dir, check_resolutions,
                             label_runs, load_run, markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
+from navit_pe.trainer import UsageError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
                     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label).strip("_")
                     written.append(plot_learned(r.model, out / f"learned_{slug}.png", title=r.label))
             print("wrote " + ", ".join(str(p) for p in written))
-    except SweepError as e:
+    except UsageError as e:  # SweepError and the shared --out check
         if main_proc:
             print(f"eval_resolutions.py: error: {e}", file=sys.stderr)
         return 2

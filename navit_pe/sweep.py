@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from .config import NaViTConfig
 from .data import DataError, ensure_prepared
 from .evaluate import evaluate
 from .model import NaViT
-from .trainer import mean_tokens
+from .trainer import UsageError, mean_tokens
+from .trainer import check_out_dir as check_writable
 from .transforms import ResolutionSampler, parse_aspect, parse_res
 
 Res = tuple[int, int]  # (h, w) in pixels
@@ -34,7 +34,7 @@ DEFAULT_SIDES = (8, 12, 16, 24, 32, 40, 48, 56, 64)
 DEFAULT_ASPECTS: tuple[Res, ...] = ((16, 32), (32, 16), (32, 64), (64, 32))
 
 
-class SweepError(ValueError):
+class SweepError(UsageError):
     """Bad input (a run that cannot be loaded, a bad resolution): one line, exit code 2."""
 
 
@@ -247,13 +247,8 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=No
 
 # ----------------------------------------------------------------------------- outputs
 def check_out_dir(out: Path) -> Path:
-    """Create `out` and make sure it is writable, before any evaluation."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SweepError(f"cannot create the output directory {out} ({e.strerror}); pass a writable --out") from None
-    if not os.access(out, os.W_OK):
-        raise SweepError(f"the output directory {out} is not writable; pass a writable --out")
+    """Create `out` and make sure this process can write there, before any evaluation."""
+    check_writable(out)
     return out
 
 

@@ -149,7 +149,7 @@ def broken_copy(src: Path, dst: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing", "garbage", "unknown_key", "unknown_pos", "no_weights", "bad_res",
-                                  "bad_aspect"])
+                                  "bad_aspect", "out_under_a_file"])
 def test_bad_input(runs, tmp_path, case):
     run, extra = runs["rope"], []
     if case == "missing":
@@ -158,6 +158,9 @@ def test_bad_input(runs, tmp_path, case):
         extra = ["--res", "16,30"]
     elif case == "bad_aspect":
         extra = ["--aspect", "16x18"]
+    elif case == "out_under_a_file":  # --out cannot be created (a file stands in its path)
+        (tmp_path / "file").write_text("")
+        extra = ["--out", tmp_path / "file" / "out"]
     else:
         run = broken_copy(runs["rope"], tmp_path / "run", case)
     proc = run_py("eval_resolutions.py", run, "--out", tmp_path / "out", *extra, timeout=60)
@@ -167,6 +170,8 @@ def test_bad_input(runs, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("eval_resolutions.py: error:"), proc.stderr
     if case in ("bad_res", "bad_aspect"):
         assert "not a multiple of the patch size" in lines[0]
+    if case == "out_under_a_file":
+        assert "cannot write to the output directory" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
