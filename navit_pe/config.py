@@ -21,7 +21,7 @@ class NaViTConfig:
     pool: str = "cls"  # "cls" (CLS token per image), "mean" (masked mean), "attn" (attention pooling)
     max_seq_len: int = 256  # tokens per packed sequence when the model packs a list of images itself
     attention: str = "auto"  # "dense" (block-diagonal mask over L), "varlen" (tokens regrouped by image),
-    #                          "auto": varlen unless the encoding acts on the L x L logits (relative)
+    #                          "auto": varlen, the faster layout for every encoding (kept so saved configs load)
     varlen_granularity: int = 1  # varlen: images whose lengths round up to the same multiple share a bucket
     # -- positional-encoding options (each encoding reads the ones it needs)
     pos_grid: int = 8  # learned_1d: side of the training grid its table is laid out on (8x8 = 32px / 4)

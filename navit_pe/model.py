@@ -4,8 +4,9 @@
 of logits per image, in image-id order. The positional encoding plugs in through the three
 hooks of `navit_pe.posenc.base.PosEncoding`: an additive token embedding, an additive
 attention bias (with, for Shaw's relative encoding, its value term), and a rotation of q and k.
-The blocks run either on the varlen layout (`Segments`: tokens regrouped by image) or, for
-encodings that act on the L x L logits, on the packed layout with a dense block-diagonal mask.
+The blocks run on the varlen layout (`Segments`: tokens regrouped by image; attention per
+bucket of equal-length images) or, with attention="dense", on the packed layout with a dense
+block-diagonal mask; both are tested to agree.
 """
 from __future__ import annotations
 
@@ -111,6 +112,42 @@ class Segments:
         ids = take(ctx.image_ids).index_fill_(1, self.pad_slots, -1)
         return PosContext(take(ctx.coords), take(ctx.grid), take(ctx.is_cls), ids)
 
+    def bucket_contexts(self, ctx: PosContext) -> list[PosContext]:
+        """The slot-layout context cut into one [n_b, l_b] context per bucket (views, each with
+        its own cache), so that the pairwise hooks (attention bias, value term) see each bucket
+        as a packed batch of n_b sequences of l_b tokens, one image per sequence."""
+        out, off = [], 0
+        for nb, lb, _ in self.buckets:
+            def cut(t: Tensor) -> Tensor:
+                return t[0, off:off + nb * lb].view(nb, lb, *t.shape[2:])
+
+            out.append(PosContext(cut(ctx.coords), cut(ctx.grid), cut(ctx.is_cls), cut(ctx.image_ids)))
+            off += nb * lb
+        return out
+
+    def attend_with_bias(self, q: Tensor, k: Tensor, v: Tensor, pe: PosEncoding, contexts: list[PosContext],
+                         layer: int) -> Tensor:
+        """q, k, v [S, h, d] -> [S, h*d] with the explicit softmax, bucket by bucket, adding the
+        encoding's attention bias to the logits and its value term to the output. Per bucket the
+        logits are [n_b, h, l_b, l_b]: each image's own length squared, not L x L."""
+        S, h, d = q.shape
+        sizes = [nb * lb for nb, lb, _ in self.buckets]
+        outs = []
+        for (nb, lb, mask), c, qb, kb, vb in zip(self.buckets, contexts, q.split(sizes), k.split(sizes), v.split(sizes)):
+            qb, kb, vb = (t.view(nb, lb, h, d).transpose(1, 2) for t in (qb, kb, vb))  # "(n l) h d -> n h l d"
+            scores = (qb @ kb.transpose(-1, -2)) * d ** -0.5
+            bias = pe.attn_bias(qb, c, layer)
+            if bias is not None:
+                scores = scores + bias
+            if mask is not None:  # keys beyond a shorter image's length
+                scores = scores + mask
+            probs = scores.softmax(dim=-1)
+            o = probs @ vb
+            if pe.value_term:
+                o = o + pe.attn_value(probs, c, layer)
+            outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
+        return torch.cat(outs)
+
     def attend(self, qkv: Tensor) -> Tensor:
         """qkv [S, 3, h, d] in slot layout -> attention output [S, h*d], bucket by bucket.
 
@@ -208,7 +245,10 @@ class Attention(nn.Module):
             q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
             # positional hooks: rotate q and k, then an additive bias on the logits
             q_rot, k_rot = pe.rotate(q, k, ctx, self.layer)
-            if segments is not None:  # varlen: each image attends within its own bucket
+            if segments is not None and (pe.uses_bias or pe.value_term):  # varlen, explicit softmax
+                out = segments.attend_with_bias(*(t[0].transpose(0, 1) for t in (q_rot, k_rot, v)), pe,
+                                                ctx.cache["bucket_contexts"], self.layer).unsqueeze(0)
+            elif segments is not None:  # varlen: each image attends within its own bucket
                 if q_rot is not q or k_rot is not k:  # rotated: gather the new q and k with v
                     qkv = rearrange(torch.stack((q_rot, k_rot, v)), "three b h n d -> b n three h d")
                 out = segments.attend(qkv[0]).unsqueeze(0)
@@ -299,9 +339,6 @@ class NaViT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "cls" else None
         self.pos = build_posenc(cfg.pos_embed, cfg)
-        if cfg.attention == "varlen" and self._needs_dense():
-            raise ValueError(f"attention='varlen' cannot add the L x L bias of {cfg.pos_embed!r}; "
-                             f"use attention='auto' or 'dense'")
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
@@ -311,10 +348,6 @@ class NaViT(nn.Module):
         self.apply(self._init_weights)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
-
-    def _needs_dense(self) -> bool:
-        """Encodings acting on the L x L logits (bias or value term) need the packed layout."""
-        return self.pos.uses_bias or self.pos.value_term
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -353,14 +386,16 @@ class NaViT(nn.Module):
         n = batch.num_images
         ctx = PosContext(batch.coords, batch.grid, batch.is_cls, batch.image_ids)
         patches = batch.patches
-        # layout: varlen (tokens regrouped by image, once, for the whole forward) unless the
-        # encoding adds an L x L bias, which needs the dense mask over the packed sequence
+        # layout: varlen (tokens regrouped by image, once, for the whole forward) unless asked
+        # for the dense block-diagonal mask over the packed sequence
         mask = segments = None
-        if self.config.attention == "dense" or self._needs_dense():
+        if self.config.attention == "dense":
             mask = batch.attention_mask()
         else:
             segments = Segments(batch.image_ids, self.config.varlen_granularity)
             ctx = segments.context(ctx)
+            if self.pos.uses_bias or self.pos.value_term:  # pairwise hooks see one bucket at a time
+                ctx.cache["bucket_contexts"] = segments.bucket_contexts(ctx)
             patches = segments.to_slots(patches.reshape(-1, patches.shape[-1])).unsqueeze(0)
         # embed patches; the CLS slots take the learned CLS token
         h = self.patch_embed(patches)

@@ -194,6 +194,27 @@ def test_varlen_kernel_equals_sdpa_loop(granularity, monkeypatch):
     assert torch.allclose(grad_a, grad_b, atol=1e-6)
 
 
-def test_varlen_refuses_an_attention_bias():
-    with pytest.raises(ValueError, match="varlen"):
-        NaViT("relative", attention="varlen")
+@pytest.mark.parametrize("attention", ["auto", "dense"])
+def test_relative_bias_per_image_in_varlen(attention, monkeypatch):
+    """In the varlen layout the pairwise hooks see [images, h, l, l] logits of each bucket of
+    equal-length images, never the L x L of a packed sequence; dense sees [B, h, L, L]."""
+    m = model("relative", "cls")
+    shapes = []
+    hook = m.pos.attn_bias
+
+    def spy(q, ctx, layer):
+        shapes.append(tuple(q.shape))
+        return hook(q, ctx, layer)
+
+    monkeypatch.setattr(m.pos, "attn_bias", spy)
+    m.config.attention = attention
+    ims = images()
+    batch = pack(ims, 4, 64, cls_token=True)
+    with torch.no_grad():
+        m(batch)
+    lengths = sorted({im.shape[1] * im.shape[2] // 16 + 1 for im in ims})  # patches + CLS
+    if attention == "auto":
+        assert sorted({s[2] for s in shapes}) == lengths
+        assert sum(s[0] for s in shapes) == len(ims) * m.config.depth  # every image once per layer
+    else:
+        assert {s[0] for s in shapes} == {batch.patches.shape[0]} and {s[2] for s in shapes} == {64}

@@ -15,8 +15,9 @@ clamped distance indices) go into `ctx.cache` and are shared by all blocks.
 
 Layouts: the context is [B, L] in the packed layout, or [1, S] in the model's varlen layout
 (tokens regrouped image by image; unused slots look like padding: image_ids -1, grid 0).
-Hooks must treat every token by its own fields only (the bias hooks, which pair tokens, are
-only ever called in the packed layout).
+Hooks must treat every token by its own fields only. The pairwise hooks (`attn_bias`,
+`attn_value`) get [B, L] contexts only: the packed layout, or in the varlen layout one bucket
+at a time as [images, length] (one image per row, shorter images' extra keys masked).
 """
 from __future__ import annotations
 
