@@ -130,7 +130,7 @@ class Segments:
         """q, k, v [S, h, d] -> [S, h*d] with the explicit softmax, bucket by bucket, adding the
         encoding's attention bias to the logits and its value term to the output. Per bucket the
         logits are [n_b, h, l_b, l_b]: each image's own length squared, not L x L."""
-        S, h, d = q.shape
+        h, d = q.shape[1:]
         sizes = [nb * lb for nb, lb, _ in self.buckets]
         outs = []
         for (nb, lb, mask), c, qb, kb, vb in zip(self.buckets, contexts, q.split(sizes), k.split(sizes), v.split(sizes)):
@@ -156,7 +156,7 @@ class Segments:
         """
         if qkv.device.type == "cpu" and _CPU_FLASH is not None:
             return VarlenAttention.apply(qkv, self.buckets)
-        S, _, h, d = qkv.shape
+        h, d = qkv.shape[2:]
         # split, not slice: a slice's backward writes a zero tensor of the full size per bucket
         outs = []
         for (nb, lb, mask), rows in zip(self.buckets, qkv.split([nb * lb for nb, lb, _ in self.buckets])):
@@ -192,7 +192,7 @@ class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, buckets: list) -> Tensor:
         qkv = qkv.contiguous()
-        S, _, h, d = qkv.shape
+        h, d = qkv.shape[2:]
         outs, lses, row = [], [], qkv.storage_offset()
         for nb, lb, mask in buckets:
             # "(n l) three h d -> three n h l d" for this bucket's rows, as three strided views
@@ -210,7 +210,7 @@ class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         qkv, out, *lses = ctx.saved_tensors
-        S, _, h, d = qkv.shape
+        h, d = qkv.shape[2:]
         grad = grad.contiguous()
         dqkv = torch.empty_like(qkv)
         row, row_o = 0, 0  # offsets into qkv / dqkv (3 h d per token) and into out / grad (h d)
