@@ -1,4 +1,4 @@
-"""CPU runtime settings shared by the entry points (train.py, eval_resolutions.py, bench/).
+"""CPU runtime settings for training: used by navit_pe.trainer (train.py) and bench/.
 
 By default glibc's malloc serves large blocks (a few MiB: most activations of a training step)
 with fresh mmap'd memory and returns it when freed, so every step page-faults its activations

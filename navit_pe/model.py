@@ -59,6 +59,23 @@ class Dropout(nn.Module):
 
 
 # ----------------------------------------------------------------------------- blocks
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pe: PosEncoding, ctx: PosContext,
+                     layer: int) -> Tensor:
+    """Explicit softmax attention over [B, h, L, d] with the encoding's additive bias on the
+    logits and its value term on the output; `mask` bool (True = may attend) or additive."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    bias = pe.attn_bias(q, ctx, layer)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1)
+    out = probs @ v
+    if pe.value_term:
+        out = out + pe.attn_value(probs, ctx, layer)
+    return out
+
+
 class Segments:
     """The varlen layout: the real tokens of a packed batch regrouped image by image.
 
@@ -125,26 +142,20 @@ class Segments:
             off += nb * lb
         return out
 
-    def attend_with_bias(self, q: Tensor, k: Tensor, v: Tensor, pe: PosEncoding, contexts: list[PosContext],
+    def attend_with_bias(self, q: Tensor, k: Tensor, v: Tensor, pe: PosEncoding, ctx: PosContext,
                          layer: int) -> Tensor:
-        """q, k, v [S, h, d] -> [S, h*d] with the explicit softmax, bucket by bucket, adding the
-        encoding's attention bias to the logits and its value term to the output. Per bucket the
-        logits are [n_b, h, l_b, l_b]: each image's own length squared, not L x L."""
+        """q, k, v [S, h, d] -> [S, h*d] with `biased_attention`, bucket by bucket: per bucket the
+        logits are [n_b, h, l_b, l_b], each image's own length squared, not L x L. `ctx` is the
+        slot-layout context; its bucket contexts are cut once and cached for every layer."""
+        if "bucket_contexts" not in ctx.cache:
+            ctx.cache["bucket_contexts"] = self.bucket_contexts(ctx)
         h, d = q.shape[1:]
         sizes = [nb * lb for nb, lb, _ in self.buckets]
         outs = []
-        for (nb, lb, mask), c, qb, kb, vb in zip(self.buckets, contexts, q.split(sizes), k.split(sizes), v.split(sizes)):
+        for (nb, lb, mask), c, qb, kb, vb in zip(self.buckets, ctx.cache["bucket_contexts"], q.split(sizes),
+                                                 k.split(sizes), v.split(sizes)):
             qb, kb, vb = (t.view(nb, lb, h, d).transpose(1, 2) for t in (qb, kb, vb))  # "(n l) h d -> n h l d"
-            scores = (qb @ kb.transpose(-1, -2)) * d ** -0.5
-            bias = pe.attn_bias(qb, c, layer)
-            if bias is not None:
-                scores = scores + bias
-            if mask is not None:  # keys beyond a shorter image's length
-                scores = scores + mask
-            probs = scores.softmax(dim=-1)
-            o = probs @ vb
-            if pe.value_term:
-                o = o + pe.attn_value(probs, c, layer)
+            o = biased_attention(qb, kb, vb, mask, pe, c, layer)
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
         return torch.cat(outs)
 
@@ -246,22 +257,18 @@ class Attention(nn.Module):
             # positional hooks: rotate q and k, then an additive bias on the logits
             q_rot, k_rot = pe.rotate(q, k, ctx, self.layer)
             if segments is not None and (pe.uses_bias or pe.value_term):  # varlen, explicit softmax
-                out = segments.attend_with_bias(*(t[0].transpose(0, 1) for t in (q_rot, k_rot, v)), pe,
-                                                ctx.cache["bucket_contexts"], self.layer).unsqueeze(0)
+                out = segments.attend_with_bias(*(t[0].transpose(0, 1) for t in (q_rot, k_rot, v)), pe, ctx,
+                                                self.layer).unsqueeze(0)
             elif segments is not None:  # varlen: each image attends within its own bucket
                 if q_rot is not q or k_rot is not k:  # rotated: gather the new q and k with v
                     qkv = rearrange(torch.stack((q_rot, k_rot, v)), "three b h n d -> b n three h d")
                 out = segments.attend(qkv[0]).unsqueeze(0)
             else:
                 q, k = q_rot, k_rot
-                bias = pe.attn_bias(q, ctx, self.layer)
                 if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
-                    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-                    if bias is not None:
-                        scores = scores + bias
-                    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-                    out = probs @ v + pe.attn_value(probs, ctx, self.layer)
+                    out = biased_attention(q, k, v, mask, pe, ctx, self.layer)
                 else:  # dense block-diagonal mask over the whole sequence
+                    bias = pe.attn_bias(q, ctx, self.layer)
                     attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
                 out = rearrange(out, "b h n d -> b n (h d)")
@@ -394,8 +401,6 @@ class NaViT(nn.Module):
         else:
             segments = Segments(batch.image_ids, self.config.varlen_granularity)
             ctx = segments.context(ctx)
-            if self.pos.uses_bias or self.pos.value_term:  # pairwise hooks see one bucket at a time
-                ctx.cache["bucket_contexts"] = segments.bucket_contexts(ctx)
             patches = segments.to_slots(patches.reshape(-1, patches.shape[-1])).unsqueeze(0)
         # embed patches; the CLS slots take the learned CLS token
         h = self.patch_embed(patches)
