@@ -16,10 +16,10 @@ import re
 import sys
 from pathlib import Path
 
+from navit_pe.cli import UsageError, check_out_dir
 from navit_pe.launch import relaunch_cpu_multiprocess
-from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_out_dir, check_resolutions,
-                            label_runs, load_run, markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
-from navit_pe.trainer import UsageError
+from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, label_runs, load_run,
+                            markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,7 +15,8 @@ from dataclasses import fields
 
 from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.posenc import POS_EMBEDS
-from navit_pe.trainer import TrainConfig, UsageError, check_config, check_data, check_out_dir, train
+from navit_pe.cli import UsageError, check_out_dir
+from navit_pe.trainer import TrainConfig, check_config, check_data, train
 
 HELP = {
     "pos_embed": f"positional encoding: {', '.join(POS_EMBEDS)}",

@@ -20,12 +20,11 @@ from typing import Sequence
 
 import torch
 
+from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
 from .data import DataError, ensure_prepared
 from .evaluate import evaluate
 from .model import NaViT
-from .trainer import UsageError, mean_tokens
-from .trainer import check_out_dir as check_writable
 from .transforms import ResolutionSampler, parse_aspect, parse_res
 
 Res = tuple[int, int]  # (h, w) in pixels
@@ -193,7 +192,7 @@ def train_tokens_per_batch(train: dict, cfg: NaViTConfig) -> int:
     p = cfg.patch_size
     lo, hi = parse_res(train["train_res"], p)
     sampler = ResolutionSampler(lo, hi, p, parse_aspect(train.get("aspect")))
-    tok = mean_tokens(sampler, p, cfg.pool == "cls")
+    tok = sampler.mean_tokens(cfg.pool == "cls")
     seq = int(train.get("max_seq_len", cfg.max_seq_len))
     return max(1, round(int(train.get("batch_images", 128)) * tok / seq)) * seq
 
@@ -246,12 +245,6 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=No
 
 
 # ----------------------------------------------------------------------------- outputs
-def check_out_dir(out: Path) -> Path:
-    """Create `out` and make sure this process can write there, before any evaluation."""
-    check_writable(out)
-    return out
-
-
 def markdown_table(sweep: Sweep) -> str:
     """Rows = runs, columns = resolutions (HxW); bold = inside the run's training range."""
     keys = [res_key(r) for r in sweep.resolutions]

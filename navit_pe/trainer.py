@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
 from .cpu import keep_freed_memory
 from .data import DataError, ensure_prepared, load_meta
@@ -27,10 +28,6 @@ from .model import NaViT
 from .posenc import POS_EMBEDS
 from .stages import TrainStream
 from .transforms import ResolutionSampler, TrainTransform, parse_aspect, parse_res
-
-
-class UsageError(ValueError):
-    """Bad input: reported as one line, exit code 2."""
 
 
 @dataclass
@@ -120,16 +117,6 @@ def check_config(cfg: TrainConfig) -> ResolutionSampler:
     return sampler
 
 
-def check_out_dir(run: Path) -> None:
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / f".write_test_{os.getpid()}"  # per process: ranks check at the same time
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to the output directory {run} ({e.strerror}); pass a writable --out") from None
-
-
 def check_data(cfg: TrainConfig) -> tuple[Path, dict]:
     try:
         ddir = ensure_prepared(cfg.data_root, cfg.dataset)
@@ -148,16 +135,6 @@ def check_data(cfg: TrainConfig) -> tuple[Path, dict]:
 
 
 # ----------------------------------------------------------------------------- schedule
-def mean_tokens(sampler: ResolutionSampler, patch_size: int, cls: bool, n: int = 20000) -> float:
-    """Expected tokens per training image (a fixed-seed Monte Carlo over the sampler)."""
-    rng = random.Random(0)
-    tot = 0
-    for _ in range(n):
-        h, w = sampler.sample(rng)
-        tot += (h // patch_size) * (w // patch_size)
-    return tot / n + int(cls)
-
-
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warmup from 0 to `lr`, then cosine from `lr` to `min_lr` at the last step."""
     if step < warmup:
@@ -281,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # -- data: B sequences of L tokens per process, ~batch_images images over all processes
     cls = cfg.pool == "cls"
-    tok_per_img = mean_tokens(sampler, cfg.patch_size, cls)
+    tok_per_img = sampler.mean_tokens(cls)
     batch_seqs = max(1, round(cfg.batch_images * tok_per_img / cfg.max_seq_len / world))
     imgs_per_step = world * batch_seqs * cfg.max_seq_len * 0.98 / tok_per_img
     n_train = int(meta["splits"]["train"]["count"])

@@ -167,6 +167,14 @@ class ResolutionSampler:
                 best = max(best, (h // p) * (w // p))
         return best
 
+    def mean_tokens(self, cls_token: bool, n: int = 20000) -> float:
+        """Expected tokens per image (a fixed-seed Monte Carlo over the sampler), CLS included."""
+        rng, p, tot = random.Random(0), self.patch_size, 0
+        for _ in range(n):
+            h, w = self.sample(rng)
+            tot += (h // p) * (w // p)
+        return tot / n + int(cls_token)
+
     def __repr__(self) -> str:
         return (
             f"ResolutionSampler({self.res_lo}:{self.res_hi}, patch={self.patch_size}, "

@@ -172,18 +172,18 @@ def test_varlen_equals_dense_attention(pos, granularity):
 def test_varlen_kernel_equals_sdpa_loop(granularity, monkeypatch):
     """VarlenAttention (SDPA's CPU flash kernel per bucket, one autograd node) and the loop of
     F.scaled_dot_product_attention calls used elsewhere give the same output and qkv gradient."""
-    import navit_pe.model as M
+    import navit_pe.attention as A
 
-    if M._CPU_FLASH is None:
+    if A._CPU_FLASH is None:
         pytest.skip("this torch has no CPU flash kernel")
     ids = torch.tensor([[0] * 7 + [1] * 12 + [-1], [2] * 5 + [3] * 12 + [4, 4, -1]])
-    seg = M.Segments(ids, granularity)
+    seg = A.Segments(ids, granularity)
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(seg.perm.numel(), 3, 2, 8, generator=g)
     grad = torch.randn(seg.perm.numel(), 16, generator=g)
     results = []
-    for kernel in (M._CPU_FLASH, None):
-        monkeypatch.setattr(M, "_CPU_FLASH", kernel)
+    for kernel in (A._CPU_FLASH, None):
+        monkeypatch.setattr(A, "_CPU_FLASH", kernel)
         x = qkv.clone().requires_grad_()
         out = seg.attend(x)
         out.backward(grad)
