@@ -16,7 +16,7 @@ from dataclasses import fields
 from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.posenc import POS_EMBEDS
 from navit_pe.cli import UsageError, check_out_dir
-from navit_pe.trainer import TrainConfig, check_config, check_data, train
+from navit_pe.trainer import TrainConfig, TrainingError, check_config, check_data, train
 
 HELP = {
     "pos_embed": f"positional encoding: {', '.join(POS_EMBEDS)}",
@@ -24,7 +24,7 @@ HELP = {
     "aspect": "aspect ratio range w/h 'lo:hi', sampled log-uniformly (default: h, w independent)",
     "resume": "'latest' or a checkpoint directory",
     "out": "run directory (default runs/<pos_embed>_<train_res>)",
-    "mixed_precision": "no or bf16",
+    "mixed_precision": "auto (bf16 where the CPU/GPU has fast bf16, else fp32), no (fp32) or bf16",
     "token_drop": "fraction of patches dropped per image in training",
     "stop_after": "stop after this global step, with a checkpoint (for tests and time-boxed runs)",
     "num_workers": "DataLoader workers per process; -1: none on a CPU-only machine of <= 4 cores, else 2",
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume latest", file=sys.stderr)
         return 130

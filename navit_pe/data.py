@@ -1,11 +1,11 @@
-"""Read prepared CIFAR shards as a webdataset pipeline of (PIL RGB image, int label).
+"""Read prepared shards: a split in RAM for random access, or a webdataset stream.
 
     root = ensure_prepared()                  # data/cifar10, preparing it on first use
-    train = make_dataset(root, "train", seed=0, epoch=0)
-    test = make_dataset(root, "test", shuffle=False)
-    batches = train.compose(my_packing_stage)  # further stages append to a copy
+    train = ImageStore.load(root, "train")    # what training and evaluation use (random access)
+    test = make_dataset(root, "test", shuffle=False)  # a stream of (PIL RGB image, int label)
+    labels = test.compose(my_stage)           # further stages append to a copy
 
-The pipeline: this rank/worker's share of the shards (shuffled per seed+epoch) -> tar samples
+The stream: this rank/worker's share of the shards (shuffled per seed+epoch) -> tar samples
 -> sample shuffle buffer -> Pillow decode. A sample that cannot be decoded is skipped with one
 logged warning and counted in `reader.skipped` (per process: each DataLoader worker counts
 in its own copy).
@@ -21,17 +21,15 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
-from torch import Tensor
 
-from navit_pe.packing import PackedBatch, StreamPacker
 from navit_pe.prepare import DEFAULT_OUT, DataError, default_source, prepare, shards_intact
 
-__all__ = ["DataError", "Reader", "ensure_prepared", "load_meta", "make_dataset", "packed", "shard_urls",
-           "transformed"]
+__all__ = ["DataError", "ImageStore", "Reader", "ensure_prepared", "load_meta", "make_dataset", "shard_urls"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "png")
@@ -125,6 +123,65 @@ class Reader(wds.DataPipeline):
         self.state.epoch = epoch
 
 
+# ----------------------------------------------------------------------------- random access in RAM
+class ImageStore:
+    """One split held in RAM for random access by index: the training plan (navit_pe.stages)
+    picks any image of any epoch and step directly, so epochs are exact, resume jumps to its step
+    and ranks split by index.
+
+    Images of at most `decode_max_pixels` pixels are kept decoded (uint8 HWC; CIFAR-10's train
+    split is 154 MB, and JPEG decoding, ~90 us an image here, is paid once); larger ones keep
+    their encoded bytes and are decoded on access. Bad samples are skipped and counted as by the
+    Reader. Every process loads the whole split (index i is the same image on every rank).
+    """
+
+    def __init__(self, pixels: list, labels: list[int], sizes: list[tuple[int, int]], keys: list[str],
+                 skipped: int = 0):
+        self.pixels, self.labels, self.sizes, self.keys = pixels, labels, sizes, keys
+        self.skipped = skipped  # bad samples left out
+
+    @classmethod
+    def load(cls, root: str | Path, split: str, decode_max_pixels: int = 64 * 64,
+             progress: bool = False) -> "ImageStore":
+        from tqdm.auto import tqdm
+
+        state = _ReadState(shard_urls(root, split), shuffle=False, seed=0, shuffle_buffer=0, epoch=0,
+                           nodesplit=False)
+        samples = wds.DataPipeline(partial(_my_shards, state),
+                                   wds.tarfile_to_samples(handler=partial(_skip_error, state)))
+        pixels, labels, sizes, keys = [], [], [], []
+        count = load_meta(root).get("splits", {}).get(split, {}).get("count")
+        for sample in tqdm(samples, total=count, desc=f"loading {split} into RAM", disable=not progress,
+                           leave=False, dynamic_ncols=True):
+            decoded = _decode_one(state, sample)
+            if decoded is None:
+                continue
+            image, label = decoded
+            w, h = image.size
+            if h * w <= decode_max_pixels:
+                pixels.append(np.asarray(image, dtype=np.uint8))
+            else:  # keep the original bytes: a large photo decoded is 30x its JPEG
+                ext = next(ext for ext in IMAGE_EXTS if ext in sample)
+                pixels.append(sample[ext])
+            labels.append(label)
+            sizes.append((h, w))
+            keys.append(str(sample.get("__key__")))
+        if not labels:
+            raise DataError(f"no readable {split} images in {root}")
+        return cls(pixels, labels, sizes, keys, state.skipped)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Image.Image:
+        """Image i as a PIL RGB image."""
+        px = self.pixels[i]
+        if isinstance(px, np.ndarray):
+            return Image.fromarray(px)
+        image = Image.open(io.BytesIO(px))
+        return image.convert("RGB") if image.mode != "RGB" else image
+
+
 # ----------------------------------------------------------------------------- pipeline stages
 
 
@@ -181,21 +238,28 @@ def _shuffle_samples(state: _ReadState, samples: Iterable[dict]) -> Iterator[dic
     yield from buf
 
 
+def _decode_one(state: _ReadState, sample: dict) -> tuple[Image.Image, int] | None:
+    """(PIL RGB image, label) of one tar sample, or None (counted, one warning) when it is bad."""
+    try:
+        ext = next(ext for ext in IMAGE_EXTS if ext in sample)
+        image = Image.open(io.BytesIO(sample[ext]))
+        image.load()
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        label = int(sample["cls"])
+    except Exception as exn:  # StopIteration (no image), PIL errors, bad .cls, ...
+        state.skipped += 1
+        log.warning("skipping bad sample %s in %s: %s", sample.get("__key__"),
+                    sample.get("__url__"), repr(exn))
+        return None
+    return image, label
+
+
 def _decode(state: _ReadState, samples: Iterable[dict]) -> Iterator[tuple[Image.Image, int]]:
     for sample in samples:
-        try:
-            ext = next(ext for ext in IMAGE_EXTS if ext in sample)
-            image = Image.open(io.BytesIO(sample[ext]))
-            image.load()
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            label = int(sample["cls"])
-        except Exception as exn:  # StopIteration (no image), PIL errors, bad .cls, ...
-            state.skipped += 1
-            log.warning("skipping bad sample %s in %s: %s", sample.get("__key__"),
-                        sample.get("__url__"), repr(exn))
-            continue
-        yield image, label
+        decoded = _decode_one(state, sample)
+        if decoded is not None:
+            yield decoded
 
 
 def _skip_error(state: _ReadState, exn: Exception) -> bool:
@@ -203,29 +267,3 @@ def _skip_error(state: _ReadState, exn: Exception) -> bool:
     state.skipped += 1
     log.warning("skipping unreadable shard data: %r", exn)
     return True
-
-
-# ----------------------------------------------------------------------------- after the reader
-# Two generator stages (iterator in, iterator out) that turn the reader's (PIL, label) pairs into
-# fixed-shape PackedBatches; they compose with a Reader (`reader.compose(transformed(...),
-# packed(...))`) or chain over any iterator. navit_pe.stages wraps them for a DataLoader.
-
-
-def transformed(fn: Callable[[Image.Image, random.Random], Tensor], seed: str
-                ) -> Callable[[Iterable], Iterator[tuple[Tensor, int]]]:
-    """Stage: (PIL, label) -> (fn(img, rng), label). The rng is seeded by `seed` plus this
-    process's rank and DataLoader worker, so a stream is reproducible from its seed alone."""
-    def stage(samples: Iterable[tuple[Image.Image, int]]) -> Iterator[tuple[Tensor, int]]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{seed}/{rank}/{worker}")
-        for img, label in samples:
-            yield fn(img, rng), label
-    return stage
-
-
-def packed(patch_size: int, max_seq_len: int, batch_seqs: int, buffer_size: int = 512,
-           cls_token: bool = True, fixed_batches: bool = True
-           ) -> Callable[[Iterable], Iterator[PackedBatch]]:
-    """Stage: (tensor [C, H, W], label) -> fixed-shape PackedBatches [batch_seqs, max_seq_len]."""
-    return StreamPacker(patch_size, max_seq_len, batch_seqs, buffer_size=buffer_size,
-                        cls_token=cls_token, fixed_batches=fixed_batches)

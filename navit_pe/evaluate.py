@@ -6,12 +6,15 @@ same number for the same model and resolution (same data, same packing, same cod
 from __future__ import annotations
 
 import contextlib
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from .data import ImageStore
 from .model import NaViT
-from .stages import EvalStream
+from .stages import EvalBatches
 
 
 def seq_len_for(size: tuple[int, int], patch_size: int, max_seq_len: int, cls_token: bool) -> int:
@@ -20,15 +23,26 @@ def seq_len_for(size: tuple[int, int], patch_size: int, max_seq_len: int, cls_to
     return max(max_seq_len, need)
 
 
+@lru_cache(maxsize=4)
+def _store(root: str, split: str) -> ImageStore:
+    return ImageStore.load(root, split)
+
+
+def load_split(data: str | Path | ImageStore, split: str = "test") -> ImageStore:
+    """`data` itself if already loaded, else the split of the dataset dir `data` (loaded once per process)."""
+    return data if isinstance(data, ImageStore) else _store(str(Path(data).resolve()), split)
+
+
 @torch.no_grad()
-def evaluate(model: NaViT, root, size: tuple[int, int], *, tokens_per_batch: int = 8192,
+def evaluate(model: NaViT, data: str | Path | ImageStore, size: tuple[int, int], *, tokens_per_batch: int = 8192,
              max_seq_len: int | None = None, accelerator=None, mixed_precision: str = "no",
              num_workers: int = 0, split: str = "test") -> tuple[int, int]:
-    """(correct, total) over the whole `split`, every image resized to `size` = (h, w).
+    """(correct, total) over the whole `split` of `data` (a dataset dir or a loaded ImageStore),
+    every image resized to `size` = (h, w).
 
-    Under Accelerate each rank reads its own part of the test set and the counts are summed
-    (packed batches hold different numbers of images, so we reduce counts, never gather
-    predictions). `max_seq_len` is raised automatically when one image needs more tokens.
+    Under Accelerate rank r evaluates every world-th image and the counts are summed (packed
+    batches hold different numbers of images, so we reduce counts, never gather predictions).
+    `max_seq_len` is raised automatically when one image needs more tokens.
     """
     cfg = model.config
     p = cfg.patch_size
@@ -36,8 +50,9 @@ def evaluate(model: NaViT, root, size: tuple[int, int], *, tokens_per_batch: int
         raise ValueError(f"resolution {size[0]}x{size[1]} is not a positive multiple of the patch size {p}")
     cls = cfg.pool == "cls"
     L = seq_len_for(size, p, max_seq_len or cfg.max_seq_len, cls)
-    stream = EvalStream(root, size, p, L, max(1, tokens_per_batch // L), cls, split=split)
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    batches = EvalBatches(load_split(data, split), size, p, L, max(1, tokens_per_batch // L), cls, rank, world)
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

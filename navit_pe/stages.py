@@ -1,77 +1,118 @@
-"""The training and evaluation streams: reader -> transformed -> packed, as IterableDatasets.
+"""The training and evaluation batches, planned by index over a split held in RAM.
 
-    reader (PIL, label) -> transformed(...) -> (tensor [3, h, w], label) -> packed(...) -> PackedBatch
+    ImageStore (RAM) -> EpochPlan (which images each step and rank takes) -> TrainBatches
+        image i: size drawn, augmented, to tensor (its own rng, seeded by seed/epoch/i) -> pack
 
-The two stages live in navit_pe.data; here they are chained for a torch DataLoader.
+An epoch is a seeded permutation of the training split cut into `steps` runs of (nearly) equal
+length: every image is presented exactly once per epoch, every step holds about the same number
+of images (`--batch-images`), and the size mix of a step is that of the whole data from the
+first step on (no packing buffer to fill or drain, nothing dropped at an epoch's end). Each step's
+images are dealt out to the ranks (rank r takes every world-th), and each rank packs its share into
+as many sequences of `max_seq_len` tokens as it needs (first-fit decreasing); the model's varlen
+layout makes the padding free. Since a batch is a pure function of (seed, epoch, step, rank), a
+resumed run starts at its step directly, and the DataLoader's workers can share the steps of an
+epoch. `EvalBatches` reads every test image once, rank r taking every world-th image.
 """
 from __future__ import annotations
 
 import random
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
-from PIL import Image
-from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
 
-from .data import DataError, make_dataset, packed, transformed
-from .packing import PackedBatch
+from .data import ImageStore
+from .packing import PackedBatch, pack
 from .transforms import EvalTransform, ResolutionSampler, TrainTransform
 
 
-class TrainStream(torch.utils.data.IterableDataset):
-    """An endless stream of training batches for one epoch of one rank.
+def steps_per_epoch(n_images: int, batch_images: int) -> int:
+    """Steps that present `n_images` once in steps of about `batch_images` images."""
+    return max(1, round(n_images / batch_images))
 
-    Images: this rank's shards (shuffled by seed and epoch), augmented, resized to a size drawn
-    from `sampler`, packed. When the rank's part of the data is used up the stream goes on over
-    it again with a new shuffle, so every rank can take the same number of steps whatever its
-    packing; the trainer takes `steps_per_epoch` batches and stops.
+
+class EpochPlan:
+    """The images of every step of one epoch, by index into the split.
+
+    By default the seeded permutation of all `n_images` is cut into `steps` runs of near-equal
+    length. With `per_step` (a fixed number of steps set for a short run) each step takes the
+    next `per_step` images of the permutation, which is repeated as often as the steps need.
     """
 
-    def __init__(self, root, sampler: ResolutionSampler, transform: TrainTransform, patch_size: int,
-                 max_seq_len: int, batch_seqs: int, cls_token: bool, seed: int, epoch: int,
-                 buffer_size: int = 512, shuffle_buffer: int = 2000):
-        super().__init__()
-        self.root, self.sampler, self.transform = root, sampler, transform
-        self.patch_size, self.max_seq_len, self.batch_seqs = patch_size, max_seq_len, batch_seqs
-        self.cls_token, self.seed, self.epoch = cls_token, seed, epoch
-        self.buffer_size, self.shuffle_buffer = buffer_size, shuffle_buffer
+    def __init__(self, n_images: int, steps: int, seed: int, epoch: int, per_step: int | None = None):
+        if n_images < 1 or steps < 1:
+            raise ValueError(f"need at least one image and one step, got {n_images} images, {steps} steps")
+        rng = random.Random(f"plan/{seed}/{epoch}")
+        self.order: list[int] = []
+        want = n_images if per_step is None else steps * per_step
+        while len(self.order) < want:
+            perm = list(range(n_images))
+            rng.shuffle(perm)
+            self.order += perm
+        self.bounds = ([s * n_images // steps for s in range(steps + 1)] if per_step is None
+                       else [s * per_step for s in range(steps + 1)])
+        self.steps = steps
 
-    def _images(self) -> Iterator[tuple[Image.Image, int]]:
-        for rep in range(1 << 30):
-            n = 0
-            reader = make_dataset(self.root, "train", shuffle=True, seed=self.seed,
-                                  shuffle_buffer=self.shuffle_buffer, epoch=self.epoch * 1000 + rep)
-            for sample in reader:
-                n += 1
-                yield sample
-            if n == 0:
-                raise DataError(f"this process got no training images from {self.root}")
+    def images(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
+        """Indices of the images that `rank` of `world` takes at `step`."""
+        return self.order[self.bounds[step]:self.bounds[step + 1]][rank::world]
+
+    def count(self, first: int, last: int) -> int:
+        """Images of all ranks in steps first..last-1."""
+        return self.bounds[last] - self.bounds[first]
+
+
+class TrainBatches(IterableDataset):
+    """The packed batches of one rank for steps `start`..end of one epoch of `plan`."""
+
+    def __init__(self, store: ImageStore, plan: EpochPlan, sampler: ResolutionSampler, transform: TrainTransform,
+                 patch_size: int, max_seq_len: int, cls_token: bool, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        super().__init__()
+        self.store, self.plan, self.sampler, self.transform = store, plan, sampler, transform
+        self.patch_size, self.max_seq_len, self.cls_token = patch_size, max_seq_len, cls_token
+        self.seed, self.epoch, self.start, self.rank, self.world = seed, epoch, start, rank, world
+
+    def __len__(self) -> int:
+        return self.plan.steps - self.start
+
+    def batch(self, step: int) -> PackedBatch:
+        idx = self.plan.images(step, self.rank, self.world)
+        images = []
+        for i in idx:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{i}")  # the image's own draws: size, crop, flip, ops
+            size = self.sampler.sample(rng)
+            images.append(self.transform(self.store.image(i), rng, size))
+        return pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
+                    cls_token=self.cls_token)
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        def augment(img: Image.Image, rng: random.Random) -> Tensor:
-            return self.transform(img, rng, self.sampler.sample(rng))
-
-        stages = [transformed(augment, f"train/{self.seed}/{self.epoch}"),
-                  packed(self.patch_size, self.max_seq_len, self.batch_seqs, self.buffer_size, self.cls_token)]
-        it: Iterable = self._images()
-        for stage in stages:
-            it = stage(it)
-        return iter(it)
+        info = get_worker_info()  # DataLoader workers take turns step by step, so order is kept
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + w, self.plan.steps, n):
+            yield self.batch(step)
 
 
-class EvalStream(torch.utils.data.IterableDataset):
-    """Every test image of this rank once, resized to `size` (h, w), packed as in training."""
+class EvalBatches(IterableDataset):
+    """Every image of `store` that belongs to `rank` (every world-th), resized to `size` = (h, w),
+    packed into batches of `batch_seqs` sequences of `max_seq_len` tokens."""
 
-    def __init__(self, root, size: tuple[int, int], patch_size: int, max_seq_len: int,
-                 batch_seqs: int, cls_token: bool, split: str = "test", buffer_size: int = 512):
+    def __init__(self, store: ImageStore, size: tuple[int, int], patch_size: int, max_seq_len: int,
+                 batch_seqs: int, cls_token: bool, rank: int = 0, world: int = 1):
         super().__init__()
-        self.root, self.size, self.split = root, size, split
-        self.patch_size, self.max_seq_len, self.batch_seqs = patch_size, max_seq_len, batch_seqs
-        self.cls_token, self.buffer_size = cls_token, buffer_size
+        self.store, self.size, self.patch_size, self.max_seq_len = store, size, patch_size, max_seq_len
+        self.cls_token, self.rank, self.world = cls_token, rank, world
+        tokens = (size[0] // patch_size) * (size[1] // patch_size) + int(cls_token)
+        self.per_batch = max(1, batch_seqs * (max_seq_len // tokens))
 
     def __iter__(self) -> Iterator[PackedBatch]:
         transform = EvalTransform()
-        reader = make_dataset(self.root, self.split, shuffle=False)
-        it = transformed(lambda img, rng: transform(img, self.size), "eval")(reader)
-        return iter(packed(self.patch_size, self.max_seq_len, self.batch_seqs, self.buffer_size,
-                           self.cls_token, fixed_batches=False)(it))
+        mine = list(range(self.rank, len(self.store), self.world))
+        chunks = [mine[i:i + self.per_batch] for i in range(0, len(mine), self.per_batch)]
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for idx in chunks[w::n]:
+            images = [transform(self.store.image(i), self.size) for i in idx]
+            yield pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
+                       cls_token=self.cls_token)
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -22,11 +21,11 @@ from torch.utils.data import DataLoader
 from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
 from .cpu import keep_freed_memory
-from .data import DataError, ensure_prepared, load_meta
+from .data import DataError, ImageStore, ensure_prepared, load_meta
 from .evaluate import evaluate
 from .model import NaViT
 from .posenc import POS_EMBEDS
-from .stages import TrainStream
+from .stages import EpochPlan, TrainBatches, steps_per_epoch
 from .transforms import ResolutionSampler, TrainTransform, parse_aspect, parse_res
 
 
@@ -51,17 +50,18 @@ class TrainConfig:
     heads: int = 4
     mlp_ratio: float = 2.0
     dropout: float = 0.1
-    max_seq_len: int = 256  # tokens per packed sequence
+    max_seq_len: int = 256  # tokens per packed sequence (a step packs its images into as many as it needs)
     token_drop: float = 0.0  # fraction of each image's patches dropped in training
     # -- optimisation (the reference CIFAR recipe)
     epochs: int = 200
-    batch_images: int = 128  # images' worth of tokens per optimizer step, over all processes
+    batch_images: int = 128  # images per optimizer step, over all processes
     lr: float = 5e-4
     min_lr: float = 1e-5
     weight_decay: float = 1e-3
     warmup_epochs: int = 10  # linear warmup, at most 5 % of the run's steps
     grad_clip: float = 0.0  # max gradient norm (0: off)
-    mixed_precision: str = "no"  # no or bf16 (Accelerate autocast; attention stays fp32)
+    mixed_precision: str = "auto"  # auto (bf16 where the device has fast bf16, else no), no or bf16
+    #                                (Accelerate autocast; attention stays fp32)
     seed: int = 0
     # -- run directory, checkpoints, logging
     out: str | None = None  # run directory (default runs/<pos_embed>_<train_res>)
@@ -69,7 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (and one at every epoch end)
     keep_checkpoints: int = 3  # how many checkpoints to keep
     log_every: int = 10  # steps between metric lines
-    steps_per_epoch: int = 0  # 0: from the dataset size and the packing; >0 fixes it (tests)
+    steps_per_epoch: int = 0  # 0: every training image once an epoch; >0 fixes it, batch_images a step
     stop_after: int = 0  # stop (as if killed, after a checkpoint) at this global step; 0: never
 
     def model_config(self, num_classes: int) -> NaViTConfig:
@@ -88,8 +88,8 @@ def check_config(cfg: TrainConfig) -> ResolutionSampler:
         raise UsageError(f"unknown --pos-embed {cfg.pos_embed!r}; choose one of: {', '.join(POS_EMBEDS)}")
     if cfg.pool not in ("cls", "mean", "attn"):
         raise UsageError(f"unknown --pool {cfg.pool!r}; choose one of: cls, mean, attn")
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise UsageError(f"--mixed-precision must be no or bf16, got {cfg.mixed_precision!r}")
+    if cfg.mixed_precision not in ("auto", "no", "bf16"):
+        raise UsageError(f"--mixed-precision must be auto, no or bf16, got {cfg.mixed_precision!r}")
     if not 0 <= cfg.token_drop < 1:
         raise UsageError(f"--token-drop must be in [0, 1), got {cfg.token_drop}")
     for name in ("epochs", "patch_size", "dim", "depth", "heads", "batch_images", "checkpoint_every",
@@ -160,6 +160,41 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def fast_bf16() -> bool:
+    """Whether this machine runs bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with
+    AVX-512 BF16 / AMX (on other CPUs bf16 is emulated and slower than fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """"auto" -> "bf16" where the device has fast bf16, else "no"; "no" and "bf16" as they are."""
+    if mixed_precision == "auto":
+        return "bf16" if fast_bf16() else "no"
+    return mixed_precision
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss): one line, exit code 1."""
+
+
+def check_finite(loss: torch.Tensor, step: int, accelerator, run: Path) -> None:
+    """Stop before a non-finite loss reaches the weights; the last checkpoint stays as it was."""
+    bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=loss.device)
+    if accelerator.num_processes > 1:  # every rank stops together, or the others would hang
+        bad = accelerator.reduce(bad, "sum")
+    if bad.item():
+        found = list_checkpoints(run)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}; {last}; "
+                            f"lower --lr or set --grad-clip and start again")
+
+
 def list_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first (incomplete ones are hidden .tmp directories)."""
     ckdir = run / "checkpoints"
@@ -250,32 +285,40 @@ def train(cfg: TrainConfig) -> dict:
     sampler = check_config(cfg)
     run = cfg.run_dir()
     check_out_dir(run)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=_tracker(), project_dir=str(run))
+    precision = resolve_precision(cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, log_with=_tracker(), project_dir=str(run))
     with accelerator.main_process_first():  # only one process prepares missing shards
         ddir, meta = check_data(cfg)
     set_seed(cfg.seed, device_specific=True)
-    world, main = accelerator.num_processes, accelerator.is_main_process
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.batch_images < world:
+        raise UsageError(f"--batch-images {cfg.batch_images} is fewer than the {world} processes; "
+                         f"use at least one image per process")
 
-    # -- data: B sequences of L tokens per process, ~batch_images images over all processes
+    # -- data: both splits in RAM; an epoch = every training image once, ~batch_images a step
+    with accelerator.main_process_first():
+        train_set = ImageStore.load(ddir, "train", progress=main)
+        test_set = ImageStore.load(ddir, "test")
+    if train_set.skipped or test_set.skipped:
+        accelerator.print(f"skipped unreadable samples: {train_set.skipped} train, {test_set.skipped} test")
     cls = cfg.pool == "cls"
-    tok_per_img = sampler.mean_tokens(cls)
-    batch_seqs = max(1, round(cfg.batch_images * tok_per_img / cfg.max_seq_len / world))
-    imgs_per_step = world * batch_seqs * cfg.max_seq_len * 0.98 / tok_per_img
-    n_train = int(meta["splits"]["train"]["count"])
-    spe = cfg.steps_per_epoch or max(1, int(n_train / imgs_per_step))
+    spe = cfg.steps_per_epoch or steps_per_epoch(len(train_set), cfg.batch_images)
+    per_step = cfg.batch_images if cfg.steps_per_epoch else None  # a fixed step count: batch_images a step
     total_steps = cfg.epochs * spe
     warmup = min(cfg.warmup_epochs * spe, total_steps // 20)
     transform = TrainTransform(randaugment=cfg.randaug_ops > 0, num_ops=max(cfg.randaug_ops, 1),
                                magnitude=cfg.randaug_magnitude)
-
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
         0 if accelerator.device.type == "cpu" and (os.cpu_count() or 1) <= 4 else 2)
 
-    def train_loader(epoch: int) -> DataLoader:
-        stream = TrainStream(ddir, sampler, transform, cfg.patch_size, cfg.max_seq_len, batch_seqs, cls,
-                             seed=cfg.seed, epoch=epoch, buffer_size=max(64, 4 * round(imgs_per_step / world)))
+    def plan(epoch: int) -> EpochPlan:
+        return EpochPlan(len(train_set), spe, cfg.seed, epoch, per_step)
+
+    def train_loader(epoch: int, start: int) -> DataLoader:
+        batches = TrainBatches(train_set, plan(epoch), sampler, transform, cfg.patch_size, cfg.max_seq_len, cls,
+                               cfg.seed, epoch, start, rank, world)
         # an explicit generator: creating the loader must not draw from the global RNG (resume)
-        return DataLoader(stream, batch_size=None, num_workers=workers,
+        return DataLoader(batches, batch_size=None, num_workers=workers,
                           generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
@@ -289,7 +332,7 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.register_for_checkpointing(progress)
 
     # -- resume: same data order, schedule and RNG state as an uninterrupted run
-    extra = {"world_size": world, "resolved_num_workers": workers}  # they shape the data order too
+    extra = {"world_size": world, "resolved_mixed_precision": precision}
     ckpt = resolve_resume(cfg, run)
     if ckpt is not None:
         check_same_run(cfg, run, extra)
@@ -303,9 +346,9 @@ def train(cfg: TrainConfig) -> dict:
     if _tracker():
         accelerator.init_trackers("navit-pe", config={k: v for k, v in asdict(cfg).items() if v is not None})
     log = MetricsLog(run / "metrics.jsonl", main)
-    accelerator.print(f"{cfg.pos_embed}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                      f"{world} process(es) x {batch_seqs} sequences x {cfg.max_seq_len} tokens, "
-                      f"{spe} steps/epoch, {cfg.epochs} epochs, data {ddir}")
+    accelerator.print(f"{cfg.pos_embed}: {sum(p.numel() for p in model.parameters()):,} parameters, {precision}, "
+                      f"{world} process(es), {len(train_set)} training images in {spe} steps/epoch "
+                      f"(~{len(train_set) / spe:.0f} images a step), {cfg.epochs} epochs, data {ddir}")
 
     # -- loop (a resumed run that had already finished keeps its results)
     done = run / "results.json"
@@ -315,10 +358,10 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(progress.epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
-        batches = iter(train_loader(epoch)) if progress.step_in_epoch < spe else iter(())
-        for _ in range(progress.step_in_epoch if progress.step_in_epoch < spe else 0):
-            next(batches)  # resume mid-epoch: the same stream, skipping the steps already done
-        bar = tqdm(total=spe, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        start = progress.step_in_epoch  # > 0 when resumed inside this epoch: the plan goes straight there
+        batches = iter(train_loader(epoch, start)) if start < spe else iter(())
+        epoch_images = 0  # this process's images of this epoch, from `start` on
+        bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not main, dynamic_ncols=True, leave=False)
         t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
         while progress.step_in_epoch < spe:
@@ -328,6 +371,7 @@ def train(cfg: TrainConfig) -> dict:
                 group["lr"] = lr
             logits = model(batch)
             loss = F.cross_entropy(logits.float(), batch.labels)
+            check_finite(loss, progress.global_step + 1, accelerator, run)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -337,6 +381,7 @@ def train(cfg: TrainConfig) -> dict:
             progress.global_step += 1
 
             # -- throughput and metrics (this process's figures x processes)
+            epoch_images += batch.num_images
             n_img += batch.num_images * world
             per_image = batch.tokens_per_image()  # patches the model sees (after token dropping)
             n_tok += int(torch.clamp(torch.round(per_image * (1 - cfg.token_drop)), min=1).sum()) * world
@@ -368,17 +413,21 @@ def train(cfg: TrainConfig) -> dict:
                               f"continue with --resume latest")
             break
         train_time = time.perf_counter() - t_epoch
+        if world > 1:
+            epoch_images = int(accelerator.reduce(torch.tensor(epoch_images, device=accelerator.device), "sum"))
+        epoch_images += plan(epoch).count(0, min(start, spe))  # the steps done before a resume
 
         # -- evaluate at eval_res, every test image counted once over all processes
-        correct, total = evaluate(unwrapped, ddir, (cfg.eval_res, cfg.eval_res), accelerator=accelerator,
-                                  tokens_per_batch=batch_seqs * cfg.max_seq_len, mixed_precision=cfg.mixed_precision)
+        correct, total = evaluate(unwrapped, test_set, (cfg.eval_res, cfg.eval_res), accelerator=accelerator,
+                                  tokens_per_batch=max(8192, cfg.max_seq_len), mixed_precision=precision)
         result = dict(epoch=epoch + 1, step=progress.global_step, test_acc=correct / max(1, total),
-                      test_correct=correct, test_images=total, eval_res=cfg.eval_res,
+                      test_correct=correct, test_images=total, eval_res=cfg.eval_res, epoch_images=epoch_images,
                       epoch_train_s=train_time, epoch_s=time.perf_counter() - t_epoch)
         log.write(**result)
         accelerator.log({"test/acc": result["test_acc"]}, step=progress.global_step)
         accelerator.print(f"epoch {epoch + 1}/{cfg.epochs}: test acc {result['test_acc']:.4f} "
-                          f"({correct}/{total} at {cfg.eval_res}x{cfg.eval_res}), {train_time:.0f} s training")
+                          f"({correct}/{total} at {cfg.eval_res}x{cfg.eval_res}), {epoch_images} training images, "
+                          f"{train_time:.0f} s training")
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
 

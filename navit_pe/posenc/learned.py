@@ -57,7 +57,11 @@ class Learned1D(PosEncoding):
         if not patch.any():
             return self.table.new_zeros(b, l, self.cfg.dim)
         # one table per distinct grid in the batch, stacked; each token picks its row
-        grids, which = torch.unique(ctx.grid[patch], dim=0, return_inverse=True)  # [G, 2], [N]
+        # (1-D unique on h * K + w: unique(dim=0) costs thousands of tiny ops a step)
+        g = ctx.grid[patch]
+        k = int(g.max()) + 1
+        keys, which = torch.unique(g[:, 0] * k + g[:, 1], return_inverse=True)  # [G], [N]
+        grids = torch.stack((keys // k, keys % k), 1)  # [G, 2]
         tables = [self.table_for(h, w) for h, w in grids.tolist()]
         sizes = grids[:, 0] * grids[:, 1]
         offsets = torch.cumsum(sizes, 0) - sizes  # start of each grid's table in the stack
