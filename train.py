@@ -24,6 +24,7 @@ HELP = {
     "aspect": "aspect ratio range w/h 'lo:hi', sampled log-uniformly (default: h, w independent)",
     "resume": "'latest' or a checkpoint directory",
     "out": "run directory (default runs/<pos_embed>_<train_res>)",
+    "compile": "torch.compile the blocks' per-token parts: yes, no, auto (yes for runs of >= 1000 steps)",
     "mixed_precision": "auto (bf16 where the CPU/GPU has fast bf16, else fp32), no (fp32) or bf16",
     "token_drop": "fraction of patches dropped per image in training",
     "stop_after": "stop after this global step, with a checkpoint (for tests and time-boxed runs)",
