@@ -14,11 +14,16 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from navit_pe.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
+
+# tiny models: one thread is faster than two on a shared 2-core machine (tests/test_posenc.py
+# sets the same for the whole session)
+torch.set_num_threads(1)
 
 # four classes, each a base colour; every image is that colour plus per-pixel noise
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "yellow": (200, 200, 40)}
