@@ -156,6 +156,13 @@ def test_color_contrast_sharpness_change_in_the_documented_direction():
         base = measure(a)
         more, less = measure(arr(op(name)(pil(a), 0.9))), measure(arr(op(name)(pil(a), -0.9)))
         assert more > 1.25 * base and less < 0.6 * base, (name, base, more, less)
+    # Color moves each pixel to or away from its own grey: its luminance stays; Contrast moves
+    # pixels to or away from the image's mean grey: the mean stays, each pixel's luminance moves
+    lum = lambda x: x.astype(float) @ np.array([0.299, 0.587, 0.114])
+    for m in (0.5, -0.9):
+        assert np.abs(lum(arr(op("Color")(pil(a), m))) - lum(a)).mean() <= 1.0, m
+        contrast = lum(arr(op("Contrast")(pil(a), m)))
+        assert abs(contrast.mean() - lum(a).mean()) <= 2.0 and np.abs(contrast - lum(a)).mean() > 5, m
     # Color at -1 is greyscale; Contrast at -1 a flat image
     grey = arr(op("Color")(pil(a), -1.0))
     assert (grey.max(-1) - grey.min(-1)).max() <= 1
@@ -257,8 +264,9 @@ def test_randaugment_applies_num_ops_documented_ops(magnitude):
 
 
 def test_randaugment_draws_every_op_with_both_signs():
-    img = pil(noise(8, 8, 0, 255, seed=11))
+    img = pil(noise(20, 20, 90, 140, seed=11))  # >= 256 pixels in a narrow range: Equalize acts
     singles = [o.tobytes() for o in single_ops(img, 30)]
+    assert len(set(singles)) == len(singles) == 23  # 14 ops, 9 of them signed: all tell apart
     drawn = {RandAugment(num_ops=1, magnitude=30)(img, random.Random(s)).tobytes() for s in range(600)}
     assert set(singles) <= drawn  # every op, each sign of the signed ones, at the top bin
 
