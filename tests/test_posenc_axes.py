@@ -160,12 +160,9 @@ def test_fractional_sincos_and_fourier_read_the_same_fractions(h, w):
 
 
 # ----------------------------------------------------------------------------- model level
-@pytest.mark.parametrize("name", POS_EMBEDS)
-def test_an_image_and_its_transpose(name):
-    """Patch size 1: an image and its transpose are the same set of tokens at transposed
-    positions. Without position the model cannot tell them apart; with any encoding that reads
-    coordinates it must (a model that mixed up rows and columns consistently would still pass,
-    the hand-computed tests above pin which is which)."""
+def pixel_model(name: str) -> NaViT:
+    """Patch size 1, one channel; position tables at std 1, attention and head weights scaled up
+    so that position visibly moves the logits (the 0.02 init would hide it)."""
     torch.manual_seed(0)
     model = NaViT(name, dim=32, depth=2, heads=2, dropout=0.0, channels=1, patch_size=1, max_seq_len=64).eval()
     with torch.no_grad():
@@ -174,9 +171,37 @@ def test_an_image_and_its_transpose(name):
                 p.copy_(torch.randn_like(p))
         for block in model.blocks:
             block.attn.qkv.weight.normal_(std=0.3)
+        model.head.weight.normal_(std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("name", POS_EMBEDS)
+def test_an_image_and_its_transpose(name):
+    """Patch size 1: an image and its transpose are the same set of tokens at transposed
+    positions. Without position the model cannot tell them apart; with any encoding that reads
+    coordinates it must (a model that mixed up rows and columns consistently would still pass,
+    the hand-computed tests above pin which is which)."""
+    model = pixel_model(name)
+    with torch.no_grad():
         x = torch.randn(1, H, W)
         a, b = model([x]), model([x.transpose(1, 2).contiguous()])
     if name == "none":
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-4)
     else:
-        assert (a - b).abs().max() > 1e-3, name
+        assert (a - b).abs().max() > 1e-2, name
+
+
+@pytest.mark.parametrize("name", POS_EMBEDS)
+def test_rows_and_columns_are_both_read(name):
+    """Mirroring the image left-right moves tokens only along their rows, top-bottom only along
+    their columns: an encoding that ignored one axis could not see one of the two."""
+    model = pixel_model(name)
+    with torch.no_grad():
+        x = torch.randn(1, H, W)
+        base = model([x])
+        for dim in (1, 2):  # rows reversed, columns reversed
+            moved = model([x.flip(dim)])
+            if name == "none":
+                assert torch.allclose(base, moved, atol=1e-4)
+            else:
+                assert (base - moved).abs().max() > 1e-2, (name, dim)
