@@ -123,3 +123,70 @@ def test_evaluate_runs_in_the_precision_asked(colours, precision, dtype):
     assert total == 12 and rec.forwards
     for f in rec.forwards:
         assert not f["training"] and dtype in f["dtypes"] and len(f["dtypes"]) == 1, f
+
+
+def test_resolution_flags_reach_the_batches(colours, tmp_path):
+    """--train-res lo:hi: training images of independent heights and widths in patch multiples
+    of lo..hi; --eval-res: every evaluated image at eval_res x eval_res."""
+    rec = Recorder()
+    grids = []
+    orig = rec._navit
+
+    def navit(module, args):
+        orig(module, args)
+        if isinstance(module, NaViT):
+            grids.append((module.training, {tuple(g) for g in args[0].image_grids().tolist()}))
+    rec._navit = navit
+    with rec.watching():
+        assert run_train_py(tiny_args(colours, tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "4",
+                                      "--train-res", "8:16", "--eval-res", "12", "--batch-images", "32")) == 0
+    train = set().union(*(g for t, g in grids if t))
+    evals = set().union(*(g for t, g in grids if not t))
+    assert train <= {(h, w) for h in (2, 3, 4) for w in (2, 3, 4)}  # 8..16 px in patches of 4
+    assert len(train) >= 5 and any(h != w for h, w in train)
+    assert evals == {(3, 3)}
+
+
+def test_model_and_optimizer_flags(colours, tmp_path):
+    """--pos-embed, --dim, --depth, --heads, --mlp-ratio, --dropout, --pool, --patch-size reach the
+    saved model; --weight-decay reaches AdamW (not on norms, biases and the CLS token)."""
+    from navit_pe import NaViT as Model
+
+    groups = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: groups.append([(g["weight_decay"], [p.ndim for p in g["params"]])
+                                                 for g in opt.param_groups]))
+    try:
+        out = tmp_path / "run"
+        assert run_train_py(tiny_args(colours, out, "--epochs", "1", "--steps-per-epoch", "1", "--train-res", "16",
+                                      "--pos-embed", "rope", "--dim", "48", "--depth", "2", "--heads", "3",
+                                      "--mlp-ratio", "1.5", "--dropout", "0.25", "--pool", "mean",
+                                      "--patch-size", "2", "--weight-decay", "0.125")) == 0
+    finally:
+        handle.remove()
+    cfg = Model.from_pretrained(out).config
+    assert (cfg.pos_embed, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.pool, cfg.patch_size,
+            cfg.num_classes) == ("rope", 48, 2, 3, 1.5, 0.25, "mean", 2, 4)
+    (decay, decay_ndims), (no_decay, no_decay_ndims) = sorted(groups[0], reverse=True)
+    assert decay == 0.125 and no_decay == 0.0
+    assert all(n >= 2 for n in decay_ndims) and all(n <= 1 for n in no_decay_ndims)
+
+
+def test_randaugment_flags_reach_the_transform(colours, tmp_path, monkeypatch):
+    from navit_pe.transforms import RandAugment
+
+    calls = []
+    orig = RandAugment.__call__
+
+    def spy(self, img, rng):
+        calls.append((self.num_ops, self.magnitude))
+        return orig(self, img, rng)
+
+    monkeypatch.setattr(RandAugment, "__call__", spy)
+    base = ["--epochs", "1", "--steps-per-epoch", "1"]
+    assert run_train_py(tiny_args(colours, tmp_path / "a", *base, "--randaug-ops", "3",
+                                  "--randaug-magnitude", "5")) == 0
+    assert calls and set(calls) == {(3, 5)}
+    calls.clear()
+    assert run_train_py(tiny_args(colours, tmp_path / "b", *base, "--randaug-ops", "0")) == 0
+    assert calls == []
