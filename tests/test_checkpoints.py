@@ -51,6 +51,7 @@ def test_cadence_and_pruning(colours, tmp_path, epochs, spe, every, keep, writte
     for step in steps_in(ckdir):
         ck = ckdir / f"step_{step:08d}"
         assert (ck / "model.safetensors").is_file()
-        progress = torch.load(ck / "custom_checkpoint_0.pkl", weights_only=False)
-        assert progress["global_step"] == step
+        states = [torch.load(f, weights_only=False) for f in sorted(ck.glob("custom_checkpoint_*.pkl"))]
+        progress = [d for d in states if isinstance(d, dict) and "global_step" in d]
+        assert len(progress) == 1 and progress[0]["global_step"] == step, (step, states)
     assert not list(ckdir.glob(".tmp*"))  # no temporary directory left behind
