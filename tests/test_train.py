@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from navit_pe import NaViT
+from navit_pe.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-images", "16", "--train-res", "16:32",
@@ -45,12 +46,15 @@ def test_smoke_one_epoch(tiny_shards, tmp_path):
     assert all(r["tokens_per_s"] > 0 and 0.5 < r["efficiency"] <= 1 for r in steps)
     evals = [r for r in rows if "test_acc" in r]
     assert len(evals) == 1 and evals[0]["test_images"] == 30  # every tiny test image, once
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003"] or \
-        sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    # step 2 (--checkpoint-every 2) and step 3 (the epoch end), nothing else
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     model = NaViT.from_pretrained(run)
     assert model.config.pos_embed == "rope_mixed" and model.config.dim == 32
     results = json.loads((run / "results.json").read_text())
-    assert results["test_images"] == 30 and 0 <= results["test_acc"] <= 1
+    assert results["test_images"] == 30 and results == {**results, **evals[0]}
+    # the accuracy reported is the saved model's own on the test set at 32x32
+    correct, total = evaluate(model, tiny_shards, (32, 32))
+    assert total == 30 and results["test_correct"] == correct and results["test_acc"] == correct / 30
 
 
 def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
