@@ -12,19 +12,23 @@ from torch.utils.data import DataLoader
 
 from .model import NaViT
 from .stages import EvalStream
+from .transforms import TokenBudget
 
 
-def seq_len_for(size: tuple[int, int], patch_size: int, max_seq_len: int, cls_token: bool) -> int:
-    """`max_seq_len`, raised where one image of `size` needs more tokens."""
-    need = (size[0] // patch_size) * (size[1] // patch_size) + int(cls_token)
+def seq_len_for(size, patch_size: int, max_seq_len: int, cls_token: bool) -> int:
+    """`max_seq_len`, raised where one image of `size` (h, w), or the largest image of a size
+    policy, needs more tokens."""
+    tokens = (size[0] // patch_size) * (size[1] // patch_size) if isinstance(size, tuple) else size.max_tokens()
+    need = tokens + int(cls_token)
     return max(max_seq_len, need)
 
 
 @torch.no_grad()
-def evaluate(model: NaViT, root, size: tuple[int, int], *, tokens_per_batch: int = 8192,
+def evaluate(model: NaViT, root, size: tuple[int, int] | TokenBudget, *, tokens_per_batch: int = 8192,
              max_seq_len: int | None = None, accelerator=None, mixed_precision: str = "no",
              num_workers: int = 0, split: str = "test") -> tuple[int, int]:
-    """(correct, total) over the whole `split`, every image resized to `size` = (h, w).
+    """(correct, total) over the whole `split`, every image resized to `size` = (h, w), or by a
+    size policy (TokenBudget: each image to its own size within the budget).
 
     Under Accelerate each rank reads its own part of the test set and the counts are summed
     (packed batches hold different numbers of images, so we reduce counts, never gather
@@ -32,7 +36,7 @@ def evaluate(model: NaViT, root, size: tuple[int, int], *, tokens_per_batch: int
     """
     cfg = model.config
     p = cfg.patch_size
-    if size[0] % p or size[1] % p or min(size) < p:
+    if isinstance(size, tuple) and (size[0] % p or size[1] % p or min(size) < p):
         raise ValueError(f"resolution {size[0]}x{size[1]} is not a positive multiple of the patch size {p}")
     cls = cfg.pool == "cls"
     L = seq_len_for(size, p, max_seq_len or cfg.max_seq_len, cls)

@@ -49,7 +49,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[PackedBatch]:
         def augment(img: Image.Image, rng: random.Random) -> Tensor:
-            return self.transform(img, rng, self.sampler.sample(rng))
+            return self.transform(img, rng, self.sampler.sample(rng, img.size[::-1]))
 
         stages = [transformed(augment, f"train/{self.seed}/{self.epoch}"),
                   packed(self.patch_size, self.max_seq_len, self.batch_seqs, self.buffer_size, self.cls_token)]
@@ -60,7 +60,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 class EvalStream(torch.utils.data.IterableDataset):
-    """Every test image of this rank once, resized to `size` (h, w), packed as in training."""
+    """Every test image of this rank once, resized to `size` (h, w) or to the size a size policy
+    (e.g. TokenBudget) gives it, packed as in training."""
 
     def __init__(self, root, size: tuple[int, int], patch_size: int, max_seq_len: int,
                  batch_seqs: int, cls_token: bool, split: str = "test", buffer_size: int = 512):
@@ -72,6 +73,9 @@ class EvalStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[PackedBatch]:
         transform = EvalTransform()
         reader = make_dataset(self.root, self.split, shuffle=False)
-        it = transformed(lambda img, rng: transform(img, self.size), "eval")(reader)
+        def size_of(img: Image.Image) -> tuple[int, int]:  # a fixed (h, w) or a size policy
+            return self.size if isinstance(self.size, tuple) else self.size.sample(None, img.size[::-1])
+
+        it = transformed(lambda img, rng: transform(img, size_of(img)), "eval")(reader)
         return iter(packed(self.patch_size, self.max_seq_len, self.batch_seqs, self.buffer_size,
                            self.cls_token, fixed_batches=False)(it))
