@@ -25,6 +25,10 @@ from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_re
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories or RUN/checkpoints/step_* directories")
     ap.add_argument("--res", default=None,
@@ -49,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="DataLoader worker processes per process (default: %(default)s)")
     ap.add_argument("--plots", action="store_true",
                     help="also draw what each encoding learned (learned_<run>.png per run)")
-    return ap.parse_args(argv)
+    return ap
 
 
 def columns(args: argparse.Namespace) -> list:
