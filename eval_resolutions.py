@@ -1,8 +1,9 @@
-"""Evaluate trained runs on the CIFAR test split at many resolutions (unseen ones included).
+"""Evaluate trained runs on their test split at many resolutions (unseen ones included).
 
     python eval_resolutions.py runs/rope_16-48 runs/sincos_32               # default sweep
     python eval_resolutions.py runs/rope_16-48/checkpoints/step_00001000    # a checkpoint
     python eval_resolutions.py RUN --res 16,32,48 --aspect 16x32,32x16 --plots --out results/eval
+    python eval_resolutions.py RUN --budgets 16,64,144,256,576              # token budgets, aspect kept
     accelerate launch --num_processes 2 --cpu eval_resolutions.py RUN ...   # counts merged over ranks
 
 Writes to --out: accuracy.md (the table, also printed), accuracy.csv, accuracy.json (counts per
@@ -19,25 +20,51 @@ from pathlib import Path
 from navit_pe.cli import UsageError, check_out_dir
 from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, label_runs, load_run,
-                            markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
+                            markdown_table, parse_budgets, parse_hw, parse_sides, run_sweep,
+                            write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories or RUN/checkpoints/step_* directories")
-    ap.add_argument("--res", default=",".join(map(str, DEFAULT_SIDES)),
-                    help="comma list of square sides in px (default: %(default)s)")
-    ap.add_argument("--aspect", default=",".join(f"{h}x{w}" for h, w in DEFAULT_ASPECTS),
-                    help="comma list of non-square HxW in px, '' for none (default: %(default)s)")
-    ap.add_argument("--data-root", default=None, help="prepared data root (default: each run's data_root)")
-    ap.add_argument("--out", default="results/eval", help="output directory (default: %(default)s)")
+    ap.add_argument("--res", default=None,
+                    help="comma list of square sides in px, multiples of the patch size "
+                         f"(default: {','.join(map(str, DEFAULT_SIDES))}, none with --budgets)")
+    ap.add_argument("--aspect", default=None,
+                    help="comma list of non-square HxW sizes in px, '' for none "
+                         f"(default: {','.join(f'{h}x{w}' for h, w in DEFAULT_ASPECTS)}, none with --budgets)")
+    ap.add_argument("--budgets", default="",
+                    help="comma list of token budgets in patches per image, e.g. 16,64,144,256,576: every test "
+                         "image keeps its aspect ratio, scaled to at most N patches (default: none)")
+    ap.add_argument("--data-root", default=None,
+                    help="directory holding the prepared datasets (default: each run's data_root)")
+    ap.add_argument("--out", default="results/eval", help="output directory for the table and plots "
+                    "(default: %(default)s)")
     ap.add_argument("--max-seq-len", type=int, default=None,
-                    help="tokens per packed sequence (default: the run's; raised where a resolution needs it)")
+                    help="tokens per packed sequence (default: the run's; raised where one image needs more)")
     ap.add_argument("--tokens-per-batch", type=int, default=None,
-                    help="tokens per eval batch (default: as train.py evaluated the run)")
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
-    ap.add_argument("--plots", action="store_true", help="also draw what each encoding learned")
-    return ap.parse_args(argv)
+                    help="tokens per evaluation batch, all sequences together (default: as train.py evaluated "
+                         "the run)")
+    ap.add_argument("--num-workers", type=int, default=0,
+                    help="DataLoader worker processes per process (default: %(default)s)")
+    ap.add_argument("--plots", action="store_true",
+                    help="also draw what each encoding learned (learned_<run>.png per run)")
+    return ap
+
+
+def columns(args: argparse.Namespace) -> list:
+    """The sweep's columns: --res sides, --aspect sizes, --budgets token budgets; sides and sizes
+    default to the standard sweep unless only --budgets is given."""
+    budgets = parse_budgets(args.budgets)
+    only_budgets = budgets and args.res is None and args.aspect is None
+    res = "" if only_budgets else args.res if args.res is not None else ",".join(map(str, DEFAULT_SIDES))
+    aspect = "" if only_budgets else args.aspect if args.aspect is not None else \
+        ",".join(f"{h}x{w}" for h, w in DEFAULT_ASPECTS)
+    return parse_sides(res) + parse_hw(aspect) + budgets
 
 
 def main(argv=None) -> int:
@@ -48,9 +75,10 @@ def main(argv=None) -> int:
     accelerator = Accelerator()
     main_proc = accelerator.is_main_process
     try:
-        resolutions = parse_sides(args.res) + parse_hw(args.aspect)
+        resolutions = columns(args)
         if not resolutions:
-            raise SweepError("no resolutions to evaluate (--res and --aspect are both empty)")
+            raise SweepError("no resolutions to evaluate (--res, --aspect and --budgets are all empty); "
+                             "give e.g. --res 16,32 or --budgets 16,64")
         runs = [load_run(p) for p in args.runs]
         for r in runs:
             check_resolutions(resolutions, r.model.config.patch_size, str(r.path))

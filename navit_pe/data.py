@@ -1,4 +1,5 @@
-"""Read prepared shards: a split in RAM for random access, or a webdataset stream.
+"""Read prepared shards (CIFAR, or a folder of images from data/prepare_images.py): a split in RAM
+for random access, or a webdataset stream.
 
     root = ensure_prepared()                  # data/cifar10, preparing it on first use
     train = ImageStore.load(root, "train")    # what training and evaluation use (random access)
@@ -29,10 +30,11 @@ from PIL import Image
 
 from navit_pe.prepare import DEFAULT_OUT, DataError, default_source, prepare, shards_intact
 
-__all__ = ["DataError", "ImageStore", "Reader", "ensure_prepared", "load_meta", "make_dataset", "shard_urls"]
+__all__ = ["DataError", "ImageStore", "Reader", "ensure_prepared", "load_meta", "make_dataset", "prepare_command",
+           "shard_urls", "split_sizes"]
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def ensure_prepared(root: str | Path = DEFAULT_OUT, dataset: str = "cifar10") -> Path:
@@ -48,8 +50,28 @@ def ensure_prepared(root: str | Path = DEFAULT_OUT, dataset: str = "cifar10") ->
     source = default_source()
     if dataset != "cifar10" or not source.exists():
         raise DataError(f"{ddir} is not prepared and there is no default source for it; run "
-                        f"python data/prepare_cifar.py --source PATH --out {root}")
+                        f"{prepare_command(dataset, root)}")
     return prepare(source, root, dataset=dataset)
+
+
+def prepare_command(dataset: str, root: str | Path = DEFAULT_OUT) -> str:
+    """The command that prepares `dataset` under `root` (for error messages)."""
+    if dataset in ("cifar10", "cifar100"):
+        return f"python data/prepare_cifar.py --source PATH --dataset {dataset} --out {root}"
+    return f"python data/prepare_images.py SOURCE --name {dataset} --out {root}"
+
+
+def split_sizes(meta: dict, split: str) -> list[tuple[int, int]] | None:
+    """Every image's source size (h, w) in `split`, from meta.json's size counts (None when the
+    dataset was prepared without them)."""
+    counts = meta.get("splits", {}).get(split, {}).get("sizes")
+    if not counts:
+        return None
+    out = []
+    for hw, n in counts.items():
+        h, w = (int(v) for v in hw.split("x"))
+        out += [(h, w)] * int(n)
+    return out
 
 
 def load_meta(root: str | Path) -> dict:
@@ -58,7 +80,8 @@ def load_meta(root: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path} not found; run python data/prepare_cifar.py first") from None
+        raise DataError(f"{path} not found; run {prepare_command(Path(root).name, Path(root).parent)} "
+                        "first") from None
     except ValueError as exn:
         raise DataError(f"{path} is not valid JSON ({exn})") from None
 

@@ -15,11 +15,14 @@ from torch.utils.data import DataLoader
 from .data import ImageStore
 from .model import NaViT
 from .stages import EvalBatches
+from .transforms import TokenBudget
 
 
-def seq_len_for(size: tuple[int, int], patch_size: int, max_seq_len: int, cls_token: bool) -> int:
-    """`max_seq_len`, raised where one image of `size` needs more tokens."""
-    need = (size[0] // patch_size) * (size[1] // patch_size) + int(cls_token)
+def seq_len_for(size, patch_size: int, max_seq_len: int, cls_token: bool) -> int:
+    """`max_seq_len`, raised where one image of `size` (h, w), or the largest image of a size
+    policy, needs more tokens."""
+    tokens = (size[0] // patch_size) * (size[1] // patch_size) if isinstance(size, tuple) else size.max_tokens()
+    need = tokens + int(cls_token)
     return max(max_seq_len, need)
 
 
@@ -34,11 +37,12 @@ def load_split(data: str | Path | ImageStore, split: str = "test") -> ImageStore
 
 
 @torch.no_grad()
-def evaluate(model: NaViT, data: str | Path | ImageStore, size: tuple[int, int], *, tokens_per_batch: int = 8192,
-             max_seq_len: int | None = None, accelerator=None, mixed_precision: str = "no",
+def evaluate(model: NaViT, data: str | Path | ImageStore, size: tuple[int, int] | TokenBudget, *,
+             tokens_per_batch: int = 8192, max_seq_len: int | None = None, accelerator=None, mixed_precision: str = "no",
              num_workers: int = 0, split: str = "test") -> tuple[int, int]:
     """(correct, total) over the whole `split` of `data` (a dataset dir or a loaded ImageStore),
-    every image resized to `size` = (h, w).
+    every image resized to `size` = (h, w), or by a size policy (TokenBudget: each image to its own
+    size within the budget).
 
     Under Accelerate rank r evaluates every world-th image and the counts are summed (packed
     batches hold different numbers of images, so we reduce counts, never gather predictions).
@@ -46,7 +50,7 @@ def evaluate(model: NaViT, data: str | Path | ImageStore, size: tuple[int, int],
     """
     cfg = model.config
     p = cfg.patch_size
-    if size[0] % p or size[1] % p or min(size) < p:
+    if isinstance(size, tuple) and (size[0] % p or size[1] % p or min(size) < p):
         raise ValueError(f"resolution {size[0]}x{size[1]} is not a positive multiple of the patch size {p}")
     cls = cfg.pool == "cls"
     L = seq_len_for(size, p, max_seq_len or cfg.max_seq_len, cls)

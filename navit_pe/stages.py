@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .data import ImageStore
 from .packing import PackedBatch, pack
-from .transforms import EvalTransform, ResolutionSampler, TrainTransform
+from .transforms import EvalTransform, ResolutionSampler, TokenBudget, TrainTransform
 
 
 def steps_per_epoch(n_images: int, batch_images: int) -> int:
@@ -81,7 +81,7 @@ class TrainBatches(IterableDataset):
         images = []
         for i in idx:
             rng = random.Random(f"{self.seed}/{self.epoch}/{i}")  # the image's own draws: size, crop, flip, ops
-            size = self.sampler.sample(rng)
+            size = self.sampler.sample(rng, self.store.sizes[i])  # a policy may use the source size
             images.append(self.transform(self.store.image(i), rng, size))
         return pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
                     cls_token=self.cls_token)
@@ -94,16 +94,22 @@ class TrainBatches(IterableDataset):
 
 
 class EvalBatches(IterableDataset):
-    """Every image of `store` that belongs to `rank` (every world-th), resized to `size` = (h, w),
-    packed into batches of `batch_seqs` sequences of `max_seq_len` tokens."""
+    """Every image of `store` that belongs to `rank` (every world-th), resized to `size` = (h, w)
+    or to the size a size policy (e.g. TokenBudget) gives its source size, packed into batches of
+    about `batch_seqs` sequences of `max_seq_len` tokens."""
 
-    def __init__(self, store: ImageStore, size: tuple[int, int], patch_size: int, max_seq_len: int,
+    def __init__(self, store: ImageStore, size: tuple[int, int] | TokenBudget, patch_size: int, max_seq_len: int,
                  batch_seqs: int, cls_token: bool, rank: int = 0, world: int = 1):
         super().__init__()
         self.store, self.size, self.patch_size, self.max_seq_len = store, size, patch_size, max_seq_len
         self.cls_token, self.rank, self.world = cls_token, rank, world
-        tokens = (size[0] // patch_size) * (size[1] // patch_size) + int(cls_token)
+        tokens = ((size[0] // patch_size) * (size[1] // patch_size) if isinstance(size, tuple)
+                  else size.max_tokens()) + int(cls_token)
         self.per_batch = max(1, batch_seqs * (max_seq_len // tokens))
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        """(h, w) of image i: the fixed size, or the policy's size for its source size."""
+        return self.size if isinstance(self.size, tuple) else self.size.sample(None, self.store.sizes[i])
 
     def __iter__(self) -> Iterator[PackedBatch]:
         transform = EvalTransform()
@@ -112,7 +118,7 @@ class EvalBatches(IterableDataset):
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for idx in chunks[w::n]:
-            images = [transform(self.store.image(i), self.size) for i in idx]
+            images = [transform(self.store.image(i), self.size_of(i)) for i in idx]
             yield pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
                        cls_token=self.cls_token)
 

@@ -22,12 +22,23 @@ import torch
 
 from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
-from .data import DataError, ensure_prepared
+from .data import DataError, ensure_prepared, load_meta, split_sizes
 from .evaluate import evaluate
 from .model import NaViT
-from .transforms import ResolutionSampler, parse_aspect, parse_res
+from .transforms import ResolutionSampler, TokenBudget, parse_aspect, parse_res, parse_resize
 
 Res = tuple[int, int]  # (h, w) in pixels
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A sweep column where every test image keeps its aspect ratio and gets at most `tokens`
+    patches (the TokenBudget size policy, train.py's --resize budget:N)."""
+
+    tokens: int
+
+
+Column = Res | Budget
 
 DEFAULT_SIDES = (8, 12, 16, 24, 32, 40, 48, 56, 64)
 DEFAULT_ASPECTS: tuple[Res, ...] = ((16, 32), (32, 16), (32, 64), (64, 32))
@@ -62,12 +73,31 @@ def parse_hw(spec: str) -> list[Res]:
     return out
 
 
-def res_key(res: Res) -> str:
-    return f"{res[0]}x{res[1]}"
+def parse_budgets(spec: str) -> list[Budget]:
+    """"16,64,144" -> [Budget(16), Budget(64), Budget(144)] (patches per image); "" -> []."""
+    try:
+        tokens = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"--budgets {spec!r}: expected a comma list of token counts, e.g. 16,64,144,256") from None
+    if any(t < 1 for t in tokens):
+        raise SweepError(f"--budgets {spec!r}: token budgets must be at least 1, e.g. 16,64,144,256")
+    return [Budget(t) for t in tokens]
 
 
-def check_resolutions(resolutions: Sequence[Res], patch_size: int, where: str) -> None:
-    for h, w in resolutions:
+def res_key(res: Column) -> str:
+    return f"budget:{res.tokens}" if isinstance(res, Budget) else f"{res[0]}x{res[1]}"
+
+
+def size_policy(res: Column, patch_size: int) -> Res | TokenBudget:
+    """What evaluate() takes for a column: a fixed (h, w) or the budget's size policy."""
+    return TokenBudget(res.tokens, patch_size) if isinstance(res, Budget) else res
+
+
+def check_resolutions(resolutions: Sequence[Column], patch_size: int, where: str) -> None:
+    for res in resolutions:
+        if isinstance(res, Budget):
+            continue
+        h, w = res
         if h % patch_size or w % patch_size:
             raise SweepError(f"resolution {h}x{w} is not a multiple of the patch size {patch_size} of {where}")
 
@@ -90,9 +120,12 @@ class Run:
     def aspect(self) -> tuple[float, float] | None:
         return parse_aspect(self.train.get("aspect"))
 
-    def in_train_range(self, res: Res) -> bool:
+    def in_train_range(self, res: Column) -> bool:
         """Both sides in [lo, hi]; for aspect-sampled runs the area in [lo^2, hi^2] and w/h in
-        the sampled ratio range (a little slack for the rounding of sampled sides)."""
+        the sampled ratio range (a little slack for the rounding of sampled sides); for runs
+        trained with --resize budget:N, the column of that budget only."""
+        if isinstance(res, Budget) or self.train.get("resize"):
+            return res_key(res) == self.train.get("resize")
         lo, hi = self.train_range
         h, w = res
         if self.aspect is None:
@@ -103,7 +136,7 @@ class Run:
 
     def regime(self) -> str:
         """'@16:48', '@32', '@16:48 ar0.5:2'."""
-        s = f"@{self.train['train_res']}"
+        s = f"@{self.train.get('resize') or self.train['train_res']}"
         return s + f" ar{self.train['aspect']}" if self.train.get("aspect") else s
 
     def metadata(self) -> dict:
@@ -154,6 +187,7 @@ def load_run(path: str | Path) -> Run:
     try:
         parse_res(train["train_res"], cfg.patch_size)
         parse_aspect(train.get("aspect"))
+        parse_resize(train.get("resize"), cfg.patch_size)
     except ValueError as e:
         raise SweepError(f"{run_dir / 'train_config.json'}: {e}") from None
     model.eval()
@@ -186,13 +220,16 @@ def label_runs(runs: Sequence[Run]) -> None:
             r.label += f" ({r.run_dir.name})"
 
 
-def train_tokens_per_batch(train: dict, cfg: NaViTConfig) -> int:
+def train_tokens_per_batch(train: dict, cfg: NaViTConfig, ddir: Path | None = None) -> int:
     """Tokens per eval batch as train.py used them in a single-process run (same packing,
-    so the accuracy at eval_res equals the run's own)."""
+    so the accuracy at eval_res equals the run's own); `ddir`: the run's data, whose source
+    sizes set the mean for --resize budget runs."""
     p = cfg.patch_size
     lo, hi = parse_res(train["train_res"], p)
-    sampler = ResolutionSampler(lo, hi, p, parse_aspect(train.get("aspect")))
-    tok = sampler.mean_tokens(cfg.pool == "cls")
+    budget = parse_resize(train.get("resize"), p)
+    sampler = budget or ResolutionSampler(lo, hi, p, parse_aspect(train.get("aspect")))
+    sizes = split_sizes(load_meta(ddir), "train") if budget is not None and ddir is not None else None
+    tok = sampler.mean_tokens(cfg.pool == "cls", sizes)
     seq = int(train.get("max_seq_len", cfg.max_seq_len))
     return max(1, round(int(train.get("batch_images", 128)) * tok / seq)) * seq
 
@@ -209,7 +246,7 @@ def data_dir(run: Run, data_root: str | None = None) -> Path:
 @dataclass
 class Sweep:
     runs: list[Run]
-    resolutions: list[Res]
+    resolutions: list[Column]  # (h, w) sizes and token budgets
     cells: dict[tuple[int, Res], tuple[int, int]] = field(default_factory=dict)  # (run index, res) -> (correct, total)
     num_processes: int = 1  # processes whose counts were summed
 
@@ -218,7 +255,7 @@ class Sweep:
         return correct / max(1, total)
 
 
-def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=None, data_root: str | None = None,
+def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator=None, data_root: str | None = None,
               max_seq_len: int | None = None, tokens_per_batch: int | None = None,
               num_workers: int = 0, progress: bool = True) -> Sweep:
     from tqdm.auto import tqdm
@@ -232,10 +269,10 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Res], *, accelerator=No
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
         model = r.model.to(device)
-        tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
+        tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config, ddir)
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            sweep.cells[i, res] = evaluate(model, ddir, res, tokens_per_batch=tpb, max_seq_len=max_seq_len,
+            sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size), tokens_per_batch=tpb, max_seq_len=max_seq_len,
                                            accelerator=accelerator, num_workers=num_workers,
                                            mixed_precision=r.train.get("mixed_precision", "no"))
             bar.update(1)
@@ -256,7 +293,8 @@ def markdown_table(sweep: Sweep) -> str:
             cells.append(f"**{s}**" if run.in_train_range(res) else s)
         lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Test accuracy at each resolution (HxW, px); **bold**: inside the run's training range.")
+    lines.append("Test accuracy at each resolution (HxW, px; budget:N: every image at its own aspect ratio, "
+                 "at most N patches); **bold**: inside the run's training range.")
     return "\n".join(lines) + "\n"
 
 
@@ -275,8 +313,9 @@ def to_json(sweep: Sweep) -> dict:
         cells = {}
         for res in sweep.resolutions:
             correct, total = sweep.cells[i, res]
-            cells[res_key(res)] = dict(height=res[0], width=res[1], acc=sweep.acc(i, res), correct=correct,
-                                       total=total, in_train_range=run.in_train_range(res))
+            size = dict(budget=res.tokens) if isinstance(res, Budget) else dict(height=res[0], width=res[1])
+            cells[res_key(res)] = dict(size, acc=sweep.acc(i, res), correct=correct, total=total,
+                                       in_train_range=run.in_train_range(res))
         runs.append(dict(run.metadata(), results=cells))
     return dict(resolutions=[res_key(r) for r in sweep.resolutions], num_processes=sweep.num_processes, runs=runs)
 
@@ -300,8 +339,12 @@ def plot_accuracy(sweep: Sweep, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    squares = sorted(r for r in sweep.resolutions if r[0] == r[1])
-    others = [r for r in sweep.resolutions if r[0] != r[1]]
+    budgets = sorted((r for r in sweep.resolutions if isinstance(r, Budget)), key=lambda b: b.tokens)
+    fixed = [r for r in sweep.resolutions if not isinstance(r, Budget)]
+    squares = sorted(r for r in fixed if r[0] == r[1])
+    others = [r for r in fixed if r[0] != r[1]]
+    if budgets and not squares:  # a budget sweep: token budgets on the x axis of the line panel
+        squares = budgets
     panels = [p for p in (squares, others) if p]
     widths = [max(1.0, len(p) / 3) for p in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 + 2 * sum(widths), 4.5), squeeze=False,
@@ -313,9 +356,16 @@ def plot_accuracy(sweep: Sweep, path: Path) -> None:
         c = colors[i % len(colors)]
         if squares:
             ax = axes[0]
-            lo, hi = run.train_range
-            ax.axvspan(lo, hi, color=c, alpha=0.08, lw=0)
-            ax.plot([s for s, _ in squares], [sweep.acc(i, r) for r in squares], "o-", color=c, label=run.label)
+            if squares is budgets:
+                xs = [b.tokens for b in budgets]
+                for x, b in zip(xs, budgets):
+                    if run.in_train_range(b):
+                        ax.axvline(x, color=c, alpha=0.3)
+            else:
+                xs = [s for s, _ in squares]
+                lo, hi = run.train_range
+                ax.axvspan(lo, hi, color=c, alpha=0.08, lw=0)
+            ax.plot(xs, [sweep.acc(i, r) for r in squares], "o-", color=c, label=run.label)
         if others:
             ax = axes[-1]
             off = (i - (n - 1) / 2) * min(0.6 / max(n, 1), 0.15)
@@ -325,9 +375,14 @@ def plot_accuracy(sweep: Sweep, path: Path) -> None:
                         label=run.label if not squares and j == 0 else None)
     if squares:
         ax = axes[0]
-        ax.set_xlabel("square side (px); shaded: training range")
-        ax.set_xticks([s for s, _ in squares])
-        ax.set_title("square resolutions")
+        if squares is budgets:
+            ax.set_xlabel("token budget (patches per image, aspect ratio kept); line: trained at")
+            ax.set_xticks([b.tokens for b in budgets])
+            ax.set_title("token budgets")
+        else:
+            ax.set_xlabel("square side (px); shaded: training range")
+            ax.set_xticks([s for s, _ in squares])
+            ax.set_title("square resolutions")
     if others:
         ax = axes[-1]
         ax.set_xticks(range(len(others)), [res_key(r) for r in others])

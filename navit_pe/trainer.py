@@ -21,21 +21,23 @@ from torch.utils.data import DataLoader
 from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
 from .cpu import keep_freed_memory
-from .data import DataError, ImageStore, ensure_prepared, load_meta
+from .data import DataError, ImageStore, ensure_prepared, load_meta, prepare_command
 from .evaluate import evaluate
 from .model import NaViT
 from .posenc import POS_EMBEDS
 from .stages import EpochPlan, TrainBatches, steps_per_epoch
-from .transforms import ResolutionSampler, TrainTransform, parse_aspect, parse_res
+from .transforms import ResolutionSampler, TokenBudget, TrainTransform, parse_aspect, parse_res, parse_resize
 
 
 @dataclass
 class TrainConfig:
     # -- data
-    dataset: str = "cifar10"  # cifar10 or cifar100 (shards under data_root/dataset)
+    dataset: str = "cifar10"  # cifar10, cifar100 or a data/prepare_images.py --name (shards under data_root/dataset)
     data_root: str = "data"  # where the prepared shards live
     train_res: str = "16:48"  # a fixed side "32" or a range "lo:hi" sampled per image in patch multiples
     aspect: str | None = None  # "lo:hi" aspect ratio w/h sampled log-uniformly (None: h, w independent)
+    resize: str | None = None  # "budget:N": each image keeps its aspect ratio, scaled to the largest size of at
+    #                            most N patches (NaFlex), in training and evaluation; None: train_res/eval_res
     eval_res: int = 32  # side of the test images evaluated at each epoch end
     randaug_ops: int = 2  # RandAugment ops per image (0: off)
     randaug_magnitude: int = 9  # RandAugment magnitude (0..30)
@@ -80,12 +82,12 @@ class TrainConfig:
                            dropout=self.dropout, pool=self.pool, max_seq_len=self.max_seq_len)
 
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.pos_embed}_{self.train_res.replace(':', '-')}")
+        return Path(self.out or f"runs/{self.pos_embed}_{(self.resize or self.train_res).replace(':', '-')}")
 
 
 # ----------------------------------------------------------------------------- checks
-def check_config(cfg: TrainConfig) -> ResolutionSampler:
-    """Validate everything that can be checked before touching data; return the sampler."""
+def check_config(cfg: TrainConfig) -> ResolutionSampler | TokenBudget:
+    """Validate everything that can be checked before touching data; return the size policy."""
     if cfg.pos_embed not in POS_EMBEDS:
         raise UsageError(f"unknown --pos-embed {cfg.pos_embed!r}; choose one of: {', '.join(POS_EMBEDS)}")
     if cfg.pool not in ("cls", "mean", "attn"):
@@ -108,16 +110,29 @@ def check_config(cfg: TrainConfig) -> ResolutionSampler:
         raise UsageError(f"model: {e}") from None
     try:
         lo, hi = parse_res(cfg.train_res, cfg.patch_size)
-        sampler = ResolutionSampler(lo, hi, cfg.patch_size, parse_aspect(cfg.aspect))
     except ValueError as e:
-        raise UsageError(f"--train-res/--aspect: {e}; use multiples of the patch size "
+        raise UsageError(f"--train-res: {e}; use sides in px that are multiples of the patch size "
                          f"{cfg.patch_size}, e.g. --train-res 32 or 16:48") from None
+    try:
+        aspect = parse_aspect(cfg.aspect)
+    except ValueError as e:
+        raise UsageError(f"--aspect: {e}; use a width/height ratio R or a range LO:HI of positive numbers, "
+                         "e.g. --aspect 0.5:2") from None
+    try:
+        budget = parse_resize(cfg.resize, cfg.patch_size)
+    except ValueError as e:
+        raise UsageError(f"--resize: {e}") from None
+    if budget is not None and aspect is not None:
+        raise UsageError("--aspect does not apply with --resize budget:N (every image keeps its own aspect "
+                         "ratio); drop --aspect")
+    sampler = budget or ResolutionSampler(lo, hi, cfg.patch_size, aspect)
     if cfg.eval_res % cfg.patch_size:
         raise UsageError(f"--eval-res {cfg.eval_res} is not a multiple of the patch size {cfg.patch_size}")
     need = sampler.max_tokens() + int(cfg.pool == "cls")
     if need > cfg.max_seq_len:
+        lower = "--resize budget:N" if budget else "--train-res"
         raise UsageError(f"the largest training image needs {need} tokens but --max-seq-len is "
-                         f"{cfg.max_seq_len}; raise --max-seq-len to at least {need} or lower --train-res")
+                         f"{cfg.max_seq_len}; raise --max-seq-len to at least {need} or lower {lower}")
     return sampler
 
 
@@ -127,14 +142,15 @@ def check_data(cfg: TrainConfig) -> tuple[Path, dict]:
         meta = load_meta(ddir)
     except DataError as e:
         raise UsageError(str(e)) from None
+    again = f"re-run {prepare_command(cfg.dataset, cfg.data_root)}"
     for split in ("train", "test"):
         shards = meta.get("splits", {}).get(split, {}).get("shards", [])
         if not shards:
-            raise UsageError(f"{ddir} has no {split} shards; re-run python data/prepare_cifar.py")
+            raise UsageError(f"{ddir} has no {split} shards; {again}")
         for s in shards:
             f = ddir / s["file"]
             if not f.is_file() or f.stat().st_size == 0:
-                raise UsageError(f"shard {f} is missing or empty; re-run python data/prepare_cifar.py")
+                raise UsageError(f"shard {f} is missing or empty; {again}")
     return ddir, meta
 
 
@@ -161,6 +177,53 @@ class Progress:
     def load_state_dict(self, d: dict) -> None:
         for f in fields(self):
             setattr(self, f.name, int(d[f.name]))
+
+
+class RunETA:
+    """Time left for the whole run at the pace so far: (elapsed / steps done) x steps left.
+
+    The elapsed time includes everything since the start (evaluation, checkpoints), so the pace
+    settles once an epoch has passed. `start_step` is the step the run (or its resume) began at.
+    """
+
+    AFTER_STEPS = 5  # the first estimate is printed after this many steps
+
+    def __init__(self, total_steps: int, start_step: int = 0, start_time: float | None = None):
+        self.total_steps, self.start_step = total_steps, start_step
+        self.start_time = time.perf_counter() if start_time is None else start_time
+
+    def elapsed(self, now: float | None = None) -> float:
+        return (time.perf_counter() if now is None else now) - self.start_time
+
+    def remaining(self, step: int, now: float | None = None) -> float | None:
+        """Seconds left after global step `step`; None before the first step."""
+        done = step - self.start_step
+        return None if done <= 0 else self.elapsed(now) / done * (self.total_steps - step)
+
+    def announce_at(self, step: int) -> bool:
+        """Whether `step` is the one after which the estimate is printed."""
+        return step == self.start_step + min(self.AFTER_STEPS, self.total_steps - self.start_step)
+
+    def summary(self, step: int, now: float | None = None) -> str:
+        done, elapsed = step - self.start_step, self.elapsed(now)
+        left = self.remaining(step, now) or 0.0
+        return (f"estimated time for the whole run: {format_duration(elapsed + left)} "
+                f"({self.total_steps - self.start_step} steps at {elapsed / max(1, done):.2f} s/step "
+                f"over the first {done}; {format_duration(left)} left)")
+
+
+def format_duration(seconds: float | None) -> str:
+    """42 -> '42s', 200 -> '3m20s', 7500 -> '2h05m', 190000 -> '2d04h'; None -> '?'."""
+    if seconds is None:
+        return "?"
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -363,6 +426,9 @@ def train(cfg: TrainConfig) -> dict:
     result = json.loads(done.read_text()) if progress.epoch >= cfg.epochs and done.is_file() else {}
     stopped = False
     unwrapped = accelerator.unwrap_model(model)
+    eta = None  # the time left, paced from the end of this process's first step (which compiles)
+    eval_size = sampler if isinstance(sampler, TokenBudget) else (cfg.eval_res, cfg.eval_res)
+    eval_name = cfg.resize if isinstance(sampler, TokenBudget) else f"{cfg.eval_res}x{cfg.eval_res}"
     for epoch in range(progress.epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -397,6 +463,10 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum += loss.item()
             n_steps += 1
             bar.update(1)
+            if eta is None:
+                eta = RunETA(total_steps, progress.global_step)
+            elif eta.announce_at(progress.global_step):
+                accelerator.print(eta.summary(progress.global_step))
             if progress.global_step % cfg.log_every == 0 or progress.step_in_epoch == spe:
                 dt = time.perf_counter() - t_last
                 row = dict(step=progress.global_step, epoch=epoch + progress.step_in_epoch / spe,
@@ -405,7 +475,8 @@ def train(cfg: TrainConfig) -> dict:
                 log.write(**row)
                 accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=progress.global_step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}",
-                                tok_s=f"{row['tokens_per_s']:.0f}", eff=f"{row['efficiency']:.1%}")
+                                tok_s=f"{row['tokens_per_s']:.0f}", eff=f"{row['efficiency']:.1%}",
+                                run_left=format_duration(eta and eta.remaining(progress.global_step)))
                 t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
             stopping = bool(cfg.stop_after) and progress.global_step >= cfg.stop_after
             if progress.step_in_epoch < spe and progress.global_step % cfg.checkpoint_every == 0 and not stopping:
@@ -426,15 +497,16 @@ def train(cfg: TrainConfig) -> dict:
         epoch_images += plan(epoch).count(0, min(start, spe))  # the steps done before a resume
 
         # -- evaluate at eval_res, every test image counted once over all processes
-        correct, total = evaluate(unwrapped, test_set, (cfg.eval_res, cfg.eval_res), accelerator=accelerator,
+        correct, total = evaluate(unwrapped, test_set, eval_size, accelerator=accelerator,
                                   tokens_per_batch=max(8192, cfg.max_seq_len), mixed_precision=precision)
         result = dict(epoch=epoch + 1, step=progress.global_step, test_acc=correct / max(1, total),
-                      test_correct=correct, test_images=total, eval_res=cfg.eval_res, epoch_images=epoch_images,
+                      test_correct=correct, test_images=total, eval_res=cfg.resize or cfg.eval_res,
+                      epoch_images=epoch_images,
                       epoch_train_s=train_time, epoch_s=time.perf_counter() - t_epoch)
         log.write(**result)
         accelerator.log({"test/acc": result["test_acc"]}, step=progress.global_step)
         accelerator.print(f"epoch {epoch + 1}/{cfg.epochs}: test acc {result['test_acc']:.4f} "
-                          f"({correct}/{total} at {cfg.eval_res}x{cfg.eval_res}), {epoch_images} training images, "
+                          f"({correct}/{total} at {eval_name}), {epoch_images} training images, "
                           f"{train_time:.0f} s training")
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ __all__ = [
     "parse_res",
     "parse_aspect",
     "ResolutionSampler",
+    "TokenBudget",
+    "budget_grid",
+    "parse_resize",
     "random_crop",
     "random_hflip",
     "RandAugment",
@@ -134,7 +137,9 @@ class ResolutionSampler:
         w = min(max(_round_half_up(s * t / p), 1) * p, self.cap)
         return h, w
 
-    def sample(self, rng: random.Random) -> tuple[int, int]:
+    def sample(self, rng: random.Random, src_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+        """A size (h, w) for one image; `src_hw`, the source image's size, does not matter here
+        (it does for TokenBudget, which has the same interface)."""
         if self.aspect is None:
             if self.res_lo == self.res_hi:
                 return self.res_lo, self.res_lo
@@ -167,8 +172,11 @@ class ResolutionSampler:
                 best = max(best, (h // p) * (w // p))
         return best
 
-    def mean_tokens(self, cls_token: bool, n: int = 20000) -> float:
-        """Expected tokens per image (a fixed-seed Monte Carlo over the sampler), CLS included."""
+    def mean_tokens(self, cls_token: bool, src_sizes: Iterable[tuple[int, int]] | None = None,
+                    n: int = 20000) -> float:
+        """Expected tokens per image (a fixed-seed Monte Carlo over the sampler), CLS included.
+        `src_sizes` is accepted for TokenBudget's interface and unused: sizes here do not depend
+        on the source."""
         rng, p, tot = random.Random(0), self.patch_size, 0
         for _ in range(n):
             h, w = self.sample(rng)
@@ -180,6 +188,81 @@ class ResolutionSampler:
             f"ResolutionSampler({self.res_lo}:{self.res_hi}, patch={self.patch_size}, "
             f"aspect={self.aspect})"
         )
+
+
+def budget_grid(src_hw: tuple[int, int], patch_size: int, budget: int) -> tuple[int, int]:
+    """The NaFlex rule: the patch grid (rows, cols) of the largest scale s of a `src_hw` (h, w)
+    image whose grid ceil(h*s/p) x ceil(w*s/p) holds at most `budget` patches.
+
+    Both sides are scaled by the same s, so each side is within one patch of the exact aspect
+    ratio; small images are scaled up, large ones down. The token count only steps up where
+    h*s/p or w*s/p crosses an integer, so the best s is one of those points (k*p/h, k*p/w).
+    """
+    h, w = src_hw
+    if h <= 0 or w <= 0:
+        raise ValueError(f"bad source size {h}x{w}")
+    p, best = patch_size, (0.0, 1, 1)
+    for side in (h, w):
+        for k in range(1, budget + 1):
+            s = k * p / side
+            gh = max(1, math.ceil(h * s / p - 1e-9))
+            gw = max(1, math.ceil(w * s / p - 1e-9))
+            if gh * gw > budget:
+                break  # tokens never fall as s grows
+            if s > best[0]:
+                best = (s, gh, gw)
+    return best[1], best[2]
+
+
+class TokenBudget:
+    """Size policy `budget:N`: every image keeps its aspect ratio and is scaled to the largest
+    size in patch multiples whose token count fits N (`budget_grid`). Same interface as
+    ResolutionSampler; the size depends on the source image only, not on the rng."""
+
+    def __init__(self, budget: int, patch_size: int) -> None:
+        if patch_size <= 0:
+            raise ValueError(f"patch_size must be > 0, got {patch_size}")
+        if budget < 1:
+            raise ValueError(f"token budget must be at least 1, got {budget}")
+        self.budget, self.patch_size = int(budget), patch_size
+        self._cache: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def sample(self, rng: random.Random | None, src_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) in pixels for a source image of size `src_hw` = (h, w)."""
+        src_hw = (int(src_hw[0]), int(src_hw[1]))
+        size = self._cache.get(src_hw)
+        if size is None:
+            gh, gw = budget_grid(src_hw, self.patch_size, self.budget)
+            size = self._cache[src_hw] = (gh * self.patch_size, gw * self.patch_size)
+        return size
+
+    def max_tokens(self) -> int:
+        """The most patches one image can get: the budget N."""
+        return self.budget
+
+    def mean_tokens(self, cls_token: bool, src_sizes: Iterable[tuple[int, int]] | None = None) -> float:
+        """Mean tokens per image over the source sizes `src_sizes` [(h, w), ...] (e.g. a split's
+        sizes from meta.json), CLS included; without sizes, N (every image filling the budget)."""
+        p, tot, n = self.patch_size, 0, 0
+        for hw in src_sizes or ():
+            h, w = self.sample(None, hw)
+            tot += (h // p) * (w // p)
+            n += 1
+        return (tot / n if n else self.budget) + int(cls_token)
+
+    def __repr__(self) -> str:
+        return f"TokenBudget({self.budget}, patch={self.patch_size})"
+
+
+def parse_resize(spec: str | None, patch_size: int) -> TokenBudget | None:
+    """"budget:N" -> TokenBudget(N, patch_size); None or "" or "none" -> None (fixed sides)."""
+    if spec is None or str(spec).strip().lower() in ("", "none"):
+        return None
+    kind, _, value = str(spec).strip().partition(":")
+    if kind != "budget" or not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"bad resize policy {spec!r}: expected 'budget:N' with N a positive token count, "
+                         "e.g. budget:64")
+    return TokenBudget(int(value), patch_size)
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +486,9 @@ def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 class TrainTransform:
-    """random crop (zero pad) -> hflip -> optional RandAugment -> resize to (h, w) -> to_tensor."""
+    """random crop (zero pad) -> hflip -> optional RandAugment -> resize to (h, w) -> to_tensor.
+
+    Works at any source size and aspect ratio (the crop keeps the source size)."""
 
     def __init__(
         self,
@@ -420,6 +505,11 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: random.Random, size: tuple[int, int]) -> torch.Tensor:
         if img.mode != "RGB":
             img = img.convert("RGB")
+        # a source many times the target size (a photo): box-shrink it first, to >= 2x the
+        # target, so the augmentations do not run on millions of pixels (CIFAR never gets here)
+        factor = min(img.size[0] // (2 * size[1]), img.size[1] // (2 * size[0]))
+        if factor >= 4:
+            img = img.reduce(factor)
         img = random_crop(img, rng, self.padding)
         img = random_hflip(img, rng, self.hflip_p)
         if self.randaugment is not None:

@@ -139,3 +139,33 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0
     tar.addfile(info, io.BytesIO(data))
+
+
+# class -> source (h, w): one size per class, so a label tells a packed image's source size
+MIXED_SIZES = {"square": (64, 64), "tall": (90, 20), "wide": (40, 300)}
+
+
+def make_mixed_image_folder(root: str | Path, per_class: dict[str, int] | None = None,
+                            seed: int = 0) -> dict[str, bytes]:
+    """A folder tree `root/<split>/<class>/` of random images, one size per class (MIXED_SIZES),
+    in every supported format (.jpg, .jpeg, .png, .webp), plus a corrupt .jpg and a text file in
+    train/square/ (both to be skipped). Returns {relative path: bytes} of the good images."""
+    per_class = per_class or {"train": 4, "test": 2}
+    rng = np.random.default_rng(seed)
+    formats = [("jpg", "JPEG"), ("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")]
+    good = {}
+    for split, n in per_class.items():
+        for cls, (h, w) in MIXED_SIZES.items():
+            d = Path(root) / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                ext, fmt = formats[i % len(formats)]
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
+                (d / f"img{i}.{ext}").write_bytes(buf.getvalue())
+                good[f"{split}/{cls}/img{i}.{ext}"] = buf.getvalue()
+    bad = Path(root) / "train" / "square"
+    jpeg = good["train/square/img0.jpg"]
+    (bad / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # truncated
+    (bad / "notes.txt").write_text("not an image")
+    return good

@@ -161,3 +161,77 @@ def test_missing_or_empty_shards_and_unwritable_out(tiny_shards, tmp_path):
     blocker.write_text("x")
     proc = run_train(tiny_shards, blocker / "run", "--epochs", "1")
     assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def load_script(name: str):
+    """train.py / eval_resolutions.py as modules (they live at the repository root)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_flag_has_a_help_line():
+    from dataclasses import fields
+
+    from navit_pe.trainer import TrainConfig
+
+    help_of = load_script("train.py").HELP
+    names = [f.name for f in fields(TrainConfig)]
+    assert sorted(help_of) == sorted(names), "every TrainConfig field needs a one-line HELP entry in train.py"
+    assert all(help_of[n].strip() and "\n" not in help_of[n] for n in names)
+    parser = load_script("eval_resolutions.py").build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip() and "\n" not in action.help, action.dest
+
+
+@pytest.mark.parametrize("field, value, names, not_in", [
+    ("aspect", "2:0.5", ["--aspect", "e.g. --aspect 0.5:2"], "multiple"),
+    ("aspect", "wide", ["--aspect", "e.g. --aspect 0.5:2"], "multiple"),
+    ("train_res", "30", ["--train-res", "multiples of the patch size 4"], "--aspect"),
+    ("resize", "budget", ["--resize", "e.g. budget:64"], "--train-res"),
+])
+def test_errors_name_the_wrong_flag(field, value, names, not_in):
+    from navit_pe.cli import UsageError
+    from navit_pe.trainer import TrainConfig, check_config
+
+    with pytest.raises(UsageError) as e:
+        check_config(TrainConfig(**{field: value}))
+    assert all(n in str(e.value) for n in names) and not_in not in str(e.value), str(e.value)
+
+
+def test_run_eta_arithmetic():
+    from navit_pe.trainer import RunETA, format_duration
+
+    eta = RunETA(total_steps=100, start_step=20, start_time=1000.0)  # resumed at step 20 of 100
+    assert eta.remaining(20, now=1000.0) is None  # no step done yet
+    assert eta.remaining(25, now=1010.0) == pytest.approx(2.0 * 75)  # 2 s a step, 75 steps left
+    assert eta.remaining(100, now=1200.0) == 0
+    assert [s for s in range(101) if eta.announce_at(s)] == [20 + RunETA.AFTER_STEPS]
+    assert [s for s in range(4) if RunETA(3).announce_at(s)] == [3]  # a run shorter than AFTER_STEPS
+    line = eta.summary(25, now=1010.0)
+    assert "2m40s" in line and "80 steps at 2.00 s/step" in line and "2m30s left" in line, line
+    assert [format_duration(x) for x in (None, 0, 42.4, 200, 7500, 190000)] == \
+        ["?", "0s", "42s", "3m20s", "2h05m", "2d04h"]
+
+
+def test_tensorboard_scalars_at_the_right_steps(tiny_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--steps-per-epoch", "2", "--num-workers", "0"))
+    assert "estimated time for the whole run" in proc.stdout + proc.stderr
+    events = sorted((run / "navit-pe").glob("events.out.tfevents.*"))  # (the hparams go one level down)
+    assert len(events) == 1, sorted(run.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    scalars = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    rows = metrics(run)
+    for tag in ("loss", "lr", "images_per_s", "tokens_per_s", "efficiency"):
+        want = {r["step"]: r[tag] for r in rows if "loss" in r}
+        assert list(want) == [1, 2, 3, 4]
+        assert scalars[f"train/{tag}"] == pytest.approx(want, rel=1e-6), tag
+    assert scalars["test/acc"] == pytest.approx({r["step"]: r["test_acc"] for r in rows if "test_acc" in r})
+    assert sorted(scalars["test/acc"]) == [2, 4]  # after each epoch
