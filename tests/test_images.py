@@ -18,7 +18,8 @@ from helpers import MIXED_SIZES, make_mixed_image_folder, read_shards
 
 from navit_pe.cli import UsageError
 from navit_pe.prepare_images import main as prepare_main
-from navit_pe.stages import EvalStream, TrainStream
+from navit_pe.data import ImageStore
+from navit_pe.stages import EpochPlan, EvalBatches, TrainBatches
 from navit_pe.sweep import SweepError, parse_budgets
 from navit_pe.trainer import TrainConfig, check_config, check_data
 from navit_pe.transforms import TokenBudget, TrainTransform, budget_grid, parse_resize
@@ -184,11 +185,12 @@ def check_sizes(batches, budget: int) -> int:
 def test_every_image_trains_and_evaluates_within_its_budget(mixed, budget):
     _, ddir, _, _ = mixed
     policy = TokenBudget(budget, PATCH)
-    stream = TrainStream(ddir, policy, TrainTransform(), PATCH, budget + 1, 2, cls_token=True, seed=0, epoch=0,
-                         buffer_size=8)
-    it = iter(stream)
-    assert check_sizes([next(it) for _ in range(12)], budget) >= 24  # two passes over the 12 images
-    assert check_sizes(EvalStream(ddir, policy, PATCH, budget + 1, 2, cls_token=True), budget) == 6
+    train = ImageStore.load(ddir, "train")
+    plan = EpochPlan(len(train), steps=4, seed=0, epoch=0)
+    batches = TrainBatches(train, plan, policy, TrainTransform(), PATCH, budget + 1, cls_token=True, seed=0, epoch=0)
+    assert check_sizes(list(batches), budget) == len(train) == 12  # every training image once
+    test = ImageStore.load(ddir, "test")
+    assert check_sizes(EvalBatches(test, policy, PATCH, budget + 1, 2, cls_token=True), budget) == 6
 
 
 def test_prepare_train_eval_resolutions_end_to_end(mixed, tmp_path):
