@@ -53,6 +53,7 @@ class PackedBatch:
     is_cls: Tensor  # [B, L] bool, True on the CLS slot of each image (if packed with CLS)
     labels: Tensor | None  # [n] long labels in image-id order, or None
     num_images: int  # n
+    sample_ids: Tensor | None = None  # [n] long: each image's index in its dataset split, where known
 
     # -- masks and statistics
     def attention_mask(self) -> Tensor:

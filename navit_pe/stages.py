@@ -83,8 +83,10 @@ class TrainBatches(IterableDataset):
             rng = random.Random(f"{self.seed}/{self.epoch}/{i}")  # the image's own draws: size, crop, flip, ops
             size = self.sampler.sample(rng, self.store.sizes[i])  # a policy may use the source size
             images.append(self.transform(self.store.image(i), rng, size))
-        return pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
-                    cls_token=self.cls_token)
+        batch = pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
+                     cls_token=self.cls_token)
+        batch.sample_ids = torch.tensor(idx, dtype=torch.long)
+        return batch
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()  # DataLoader workers take turns step by step, so order is kept
@@ -119,6 +121,8 @@ class EvalBatches(IterableDataset):
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for idx in chunks[w::n]:
             images = [transform(self.store.image(i), self.size_of(i)) for i in idx]
-            yield pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
-                       cls_token=self.cls_token)
+            batch = pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
+                         cls_token=self.cls_token)
+            batch.sample_ids = torch.tensor(idx, dtype=torch.long)
+            yield batch
 

@@ -434,7 +434,7 @@ def train(cfg: TrainConfig) -> dict:
         t_epoch = time.perf_counter()
         start = progress.step_in_epoch  # > 0 when resumed inside this epoch: the plan goes straight there
         batches = iter(train_loader(epoch, start)) if start < spe else iter(())
-        epoch_images = 0  # this process's images of this epoch, from `start` on
+        seen: list[int] = []  # this process's training images of this epoch (indices), from `start` on
         bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not main, dynamic_ncols=True, leave=False)
         t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
@@ -455,7 +455,7 @@ def train(cfg: TrainConfig) -> dict:
             progress.global_step += 1
 
             # -- throughput and metrics (this process's figures x processes)
-            epoch_images += batch.num_images
+            seen += batch.sample_ids.tolist()
             n_img += batch.num_images * world
             per_image = batch.tokens_per_image()  # patches the model sees (after token dropping)
             n_tok += int(torch.clamp(torch.round(per_image * (1 - cfg.token_drop)), min=1).sum()) * world
@@ -492,16 +492,20 @@ def train(cfg: TrainConfig) -> dict:
                               f"continue with --resume latest")
             break
         train_time = time.perf_counter() - t_epoch
+        # -- the epoch's images over all processes: how many, and how many different ones
         if world > 1:
-            epoch_images = int(accelerator.reduce(torch.tensor(epoch_images, device=accelerator.device), "sum"))
-        epoch_images += plan(epoch).count(0, min(start, spe))  # the steps done before a resume
+            everyone = [None] * world
+            torch.distributed.all_gather_object(everyone, seen)
+            seen = [i for part in everyone for i in part]
+        done_before = plan(epoch).order[:plan(epoch).bounds[min(start, spe)]]  # the steps before a resume
+        epoch_images, epoch_unique = len(seen) + len(done_before), len(set(seen) | set(done_before))
 
         # -- evaluate at eval_res, every test image counted once over all processes
         correct, total = evaluate(unwrapped, test_set, eval_size, accelerator=accelerator,
                                   tokens_per_batch=max(8192, cfg.max_seq_len), mixed_precision=precision)
         result = dict(epoch=epoch + 1, step=progress.global_step, test_acc=correct / max(1, total),
                       test_correct=correct, test_images=total, eval_res=cfg.resize or cfg.eval_res,
-                      epoch_images=epoch_images,
+                      epoch_images=epoch_images, epoch_unique_images=epoch_unique,
                       epoch_train_s=train_time, epoch_s=time.perf_counter() - t_epoch)
         log.write(**result)
         accelerator.log({"test/acc": result["test_acc"]}, step=progress.global_step)
