@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -81,7 +83,7 @@ def record(colours, out, *flags) -> Recorder:
 
 @pytest.fixture(scope="module")
 def plain(colours, tmp_path_factory):
-    return record(colours, tmp_path_factory.mktemp("plain") / "run")
+    return record(colours, tmp_path_factory.mktemp("plain") / "run", "--mixed-precision", "no")
 
 
 def test_token_drop_in_training_only(colours, tmp_path, plain):
@@ -108,6 +110,18 @@ def test_bf16_in_training_and_evaluation(colours, tmp_path, plain):
     rec = record(colours, tmp_path / "run", "--mixed-precision", "bf16")
     for f in rec.forwards:  # training steps and the epoch-end evaluation
         assert torch.bfloat16 in f["dtypes"], f
+
+
+def test_auto_precision_follows_the_machine(colours, tmp_path):
+    """--mixed-precision auto (the default): bf16 exactly where the CPU has native bf16."""
+    from navit_pe.trainer import fast_bf16
+
+    rec = record(colours, tmp_path / "run")
+    want = torch.bfloat16 if fast_bf16() else torch.float32
+    for f in rec.forwards:
+        assert want in f["dtypes"], f
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["mixed_precision"] == "auto" and saved["resolved_mixed_precision"] == ("bf16" if fast_bf16() else "no")
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
