@@ -39,6 +39,7 @@ class ALiBi2D(PosEncoding):
     cls_handling = CLS_FREE
     uses_bias = True
     relative = True
+    mirror_symmetric = True  # Euclidean distance cannot tell left from right
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)

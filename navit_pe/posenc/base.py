@@ -79,6 +79,7 @@ class PosEncoding(nn.Module):
     value_term: ClassVar[bool] = False
     relative: ClassVar[bool] = False  # patch-patch logits depend on position differences only
     same_in_both_modes: ClassVar[bool] = False  # pos_mode "interpolate" == "extrapolate" (grid-relative)
+    mirror_symmetric: ClassVar[bool] = False  # a mirrored image gives the same logits (distance-only bias)
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__()

@@ -1,9 +1,9 @@
 """`lookhere`: LookHere (Fuller et al., NeurIPS 2024), variant LH-180, as an attention bias.
 
-Every head looks in one direction: heads cycle through up, down, left, right (head h gets
-direction h mod 4). A query at (r, c) sees only the keys of its half-plane, boundary included
-(up: rows <= r; down: rows >= r; left: cols <= c; right: cols >= c): a 180-degree field of
-view. Keys outside it get the bias MASKED (finite, so a masked pair stays a number; its
+Every head looks in one direction: heads cycle through up, left, down, right (head h gets
+direction h mod 4; this order gives two heads one vertical and one horizontal view). A query at
+(r, c) sees only the keys of its half-plane, boundary included (up: rows <= r; left: cols <= c;
+down: rows >= r; right: cols >= c): a 180-degree field of view. Keys outside it get the bias MASKED (finite, so a masked pair stays a number; its
 softmax weight is exactly 0 in fp32). Inside, the bias is minus a distance penalty: slope x
 layer factor x the Euclidean patch distance, with slopes 2^-(1 + h // 4) (one slope per group
 of four directions, as the paper's code) and layer factors falling linearly from 1.5 in the
@@ -35,7 +35,7 @@ class LookHere(PosEncoding):
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
         heads = torch.arange(cfg.heads)
-        self.register_buffer("direction", heads % 4, persistent=False)  # 0 up, 1 down, 2 left, 3 right
+        self.register_buffer("direction", heads % 4, persistent=False)  # 0 up, 1 left, 2 down, 3 right
         slopes = 2.0 ** -(1.0 + (heads // 4).float())
         layers = torch.linspace(*LAYER_SLOPES, cfg.depth) if cfg.depth > 1 else torch.tensor([LAYER_SLOPES[0]])
         self.register_buffer("slopes", layers[:, None] * slopes[None], persistent=False)  # [depth, heads]
@@ -45,7 +45,7 @@ class LookHere(PosEncoding):
         if "lookhere_outside" not in ctx.cache:
             off, cls_pair = pair_offsets(ctx)  # pos_j - pos_i
             dr, dc = off[..., 0], off[..., 1]
-            outside = torch.stack([dr > 0, dr < 0, dc > 0, dc < 0], dim=1)  # up, down, left, right
+            outside = torch.stack([dr > 0, dc > 0, dr < 0, dc < 0], dim=1)  # up, left, down, right
             ctx.cache["lookhere_outside"] = outside[:, self.direction] & ~cls_pair[:, None]
         return ctx.cache["lookhere_outside"]
 
