@@ -28,6 +28,9 @@ HELP = {
     "token_drop": "fraction of patches dropped per image in training",
     "stop_after": "stop after this global step, with a checkpoint (for tests and time-boxed runs)",
     "num_workers": "DataLoader workers per process; -1: none on a CPU-only machine of <= 4 cores, else 2",
+    "coord_shift": "coordinate augmentation: uniform offset per image and axis in [-S, S], in patches (0: off)",
+    "coord_jitter": "coordinate augmentation: per-axis log-uniform scale in [1/J, J], a factor (1: off)",
+    "coord_rescale": "coordinate augmentation: one log-uniform scale per image in [1/R, R], a factor (1: off)",
 }
 
 

@@ -127,6 +127,7 @@ def test_two_processes(tiny_shards, tmp_path):
     (["--train-res", "16:64"], "max-seq-len"),
     (["--mixed-precision", "fp8"], "mixed-precision"),
     (["--heads", "0"], "--heads must be at least 1"),
+    (["--coord-jitter", "0.5"], "coord_jitter >= 1"),
     (["--dim", "34", "--heads", "2"], "divisible by 4"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
 ])
