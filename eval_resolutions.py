@@ -3,6 +3,7 @@
     python eval_resolutions.py runs/rope_16-48 runs/sincos_32               # default sweep
     python eval_resolutions.py runs/rope_16-48/checkpoints/step_00001000    # a checkpoint
     python eval_resolutions.py RUN --res 16,32,48 --aspect 16x32,32x16 --plots --out results/eval
+    python eval_resolutions.py RUN --pos-mode extrapolate,interpolate    # both test-time modes
     accelerate launch --num_processes 2 --cpu eval_resolutions.py RUN ...   # counts merged over ranks
 
 Writes to --out: accuracy.md (the table, also printed), accuracy.csv, accuracy.json (counts per
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from navit_pe.cli import UsageError, check_out_dir
 from navit_pe.launch import relaunch_cpu_multiprocess
-from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, label_runs, load_run,
-                            markdown_table, parse_hw, parse_sides, run_sweep, write_outputs)
+from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, expand_modes, label_runs,
+                            load_run, markdown_table, parse_hw, parse_modes, parse_sides, run_sweep, write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma list of square sides in px (default: %(default)s)")
     ap.add_argument("--aspect", default=",".join(f"{h}x{w}" for h, w in DEFAULT_ASPECTS),
                     help="comma list of non-square HxW in px, '' for none (default: %(default)s)")
+    ap.add_argument("--pos-mode", default="extrapolate",
+                    help="comma list of test-time position modes, each its own row: extrapolate (the test "
+                         "grid's positions as they are), interpolate (grids beyond the trained extent "
+                         "scaled onto it) (default: %(default)s)")
     ap.add_argument("--data-root", default=None, help="prepared data root (default: each run's data_root)")
     ap.add_argument("--out", default="results/eval", help="output directory (default: %(default)s)")
     ap.add_argument("--max-seq-len", type=int, default=None,
@@ -49,12 +54,15 @@ def main(argv=None) -> int:
     main_proc = accelerator.is_main_process
     try:
         resolutions = parse_sides(args.res) + parse_hw(args.aspect)
+        modes = parse_modes(args.pos_mode)
         if not resolutions:
             raise SweepError("no resolutions to evaluate (--res and --aspect are both empty)")
         runs = [load_run(p) for p in args.runs]
         for r in runs:
             check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
         label_runs(runs)
+        models = runs
+        runs = expand_modes(runs, modes)  # one row per (run, test-time mode)
         out = check_out_dir(Path(args.out))  # every process checks: no rank may fail alone mid-sweep
         sweep = run_sweep(runs, resolutions, accelerator=accelerator, data_root=args.data_root,
                           max_seq_len=args.max_seq_len, tokens_per_batch=args.tokens_per_batch,
@@ -66,7 +74,7 @@ def main(argv=None) -> int:
             if args.plots:
                 from navit_pe.visualize import plot_learned
 
-                for r in runs:
+                for r in models:
                     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label).strip("_")
                     written.append(plot_learned(r.model, out / f"learned_{slug}.png", title=r.label))
             print("wrote " + ", ".join(str(p) for p in written))
