@@ -127,7 +127,8 @@ class Run:
         cfg = self.model.config
         return dict(label=self.label, path=str(self.path), run_dir=str(self.run_dir), checkpoint_step=self.step,
                     pos_embed=cfg.pos_embed, pos_mode="both" if self.modes_same else self.pos_mode,
-                    trained_extent=self.model.pos.trained_extent.tolist(), train_res=self.train["train_res"], aspect=self.train.get("aspect"),
+                    trained_extent=self.model.pos.trained_extent.tolist(), train_res=self.train["train_res"],
+                    aspect=self.train.get("aspect"),
                     dataset=self.train["dataset"], mixed_precision=self.train.get("mixed_precision", "no"),
                     eval_res=self.train.get("eval_res"), patch_size=cfg.patch_size,
                     model_config=cfg.to_dict(), train_config=self.train, train_result=train_result)
@@ -357,7 +358,8 @@ def plot_accuracy(sweep: Sweep, path: Path) -> None:
             off = (i - (n - 1) / 2) * min(0.6 / max(n, 1), 0.15)
             for j, res in enumerate(others):
                 inside = run.in_train_range(res)
-                ax.plot(j + off, sweep.acc(i, res), "D" if style == "o--" else "s", color=c, mfc=c if inside else "white",
+                marker = "D" if style == "o--" else "s"  # diamonds: interpolate
+                ax.plot(j + off, sweep.acc(i, res), marker, color=c, mfc=c if inside else "white",
                         label=run.label if not squares and j == 0 else None)
     if squares:
         ax = axes[0]

@@ -3,11 +3,12 @@
 Every head looks in one direction: heads cycle through up, left, down, right (head h gets
 direction h mod 4; this order gives two heads one vertical and one horizontal view). A query at
 (r, c) sees only the keys of its half-plane, boundary included (up: rows <= r; left: cols <= c;
-down: rows >= r; right: cols >= c): a 180-degree field of view. Keys outside it get the bias MASKED (finite, so a masked pair stays a number; its
-softmax weight is exactly 0 in fp32). Inside, the bias is minus a distance penalty: slope x
-layer factor x the Euclidean patch distance, with slopes 2^-(1 + h // 4) (one slope per group
-of four directions, as the paper's code) and layer factors falling linearly from 1.5 in the
-first block to 0.5 in the last. No learned parameters.
+down: rows >= r; right: cols >= c): a 180-degree field of view. Keys outside it get the bias
+MASKED (finite, so a masked pair stays a number; its softmax weight is exactly 0 in fp32).
+Inside, the bias is minus a distance penalty: slope x layer factor x the Euclidean patch
+distance, with slopes 2^-(1 + h // 4) (one slope per group of four directions, as in the
+paper's code) and layer factors falling linearly from 1.5 in the first block to 0.5 in the
+last. No learned parameters.
 
 Direction tests and distances use the float positions ctx.pos; scaling positions (pos_mode
 "interpolate", augmentation) keeps the fields of view and shrinks or stretches the distances.
