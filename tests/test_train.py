@@ -54,7 +54,8 @@ def test_smoke_one_epoch(tiny_shards, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
-    args = ["--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "relative", "--token-drop", "0.2"]
+    args = ["--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "relative", "--token-drop", "0.2",
+            "--coord-shift", "1", "--coord-jitter", "1.3", "--coord-rescale", "1.5"]  # augmentation resumes too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     ok(run_train(tiny_shards, straight, *args))
     proc = ok(run_train(tiny_shards, resumed, *args, "--stop-after", "3"))  # mid-epoch
