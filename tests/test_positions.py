@@ -129,7 +129,7 @@ def test_coordinate_augmentation():
     assert augment(ctx, 0, 1, 1) is ctx  # off: nothing drawn, nothing changed
 
 
-@pytest.mark.parametrize("name", ["rope", "fire_2d", "learned_2d"])
+@pytest.mark.parametrize("name", ["rope", "fire_2d", "learned_2d", "learned_1d"])
 def test_augmentation_only_in_training_and_reproducible(name):
     aug = dict(coord_shift=2.0, coord_jitter=1.3, coord_rescale=1.5)
     plain, augmented = trained_model(name), trained_model(name, **aug)
@@ -206,3 +206,12 @@ def test_fire_2d_against_a_direct_mlp_per_pair():
                               for k in (0, 1)])
             want = torch.relu(u @ pe.w1[1] + pe.b1[1]) @ pe.w2[1] + pe.b2[1]
             assert torch.allclose(bias[:, i, j], want, atol=1e-5), (i, j)
+
+
+def test_learned_1d_samples_moved_positions_where_it_resamples_the_grid():
+    """The augmented path (grid_sample at float positions) reads the table where the resampling
+    to each grid (F.interpolate) puts the integer positions."""
+    pe = build_posenc("learned_1d", dim=16, pos_grid=8)
+    for h, w in [(5, 11), (16, 16), (3, 3)]:
+        ctx = one_image_ctx(h, w)
+        assert torch.allclose(pe.sample(ctx)[0, 1:], pe.embed(ctx)[0, 1:], atol=1e-6), (h, w)

@@ -3,8 +3,8 @@
 - `learned_1d`: the vanilla ViT table, one vector per flattened position of the training grid
   (cfg.pos_grid x cfg.pos_grid). Any other grid gets the table bicubic-interpolated to it, as
   ViT fine-tuning at a new resolution does. Its positions are relative to the image's own
-  grid, so both test-time position modes are the same and coordinate augmentation (which
-  moves ctx.pos) does not apply to it.
+  grid, so both test-time position modes are the same. Positions moved by coordinate
+  augmentation (training) sample the table bicubically at their own fractional place instead.
 - `learned_2d`: the joint (row, col) table of timm's NaFlexViT / SigLIP 2's learned grid, one
   vector per (row, col) up to cfg.max_grid.
 - `factorized`: NaViT's (and Pix2Struct's) separate row and column tables, summed or concatenated.
@@ -66,11 +66,23 @@ class Learned1D(PosEncoding):
         grid = F.interpolate(grid, size=(h, w), mode=self.mode, align_corners=False, antialias=False)
         return rearrange(grid, "1 d h w -> (h w) d")
 
+    def sample(self, ctx: PosContext) -> Tensor:
+        """[B, L, dim]: the table read bicubically at each token's float position, at the same
+        place of the 8x8 table as F.interpolate to the token's grid puts its integer position."""
+        g = self.cfg.pos_grid
+        frac = (ctx.pos + 0.5) / ctx.grid.clamp(min=1)  # (row, col) as a fraction of the image
+        xy = (frac.flip(-1) * 2 - 1).view(1, 1, -1, 2)  # grid_sample's (x, y) in [-1, 1]
+        table = rearrange(self.table, "(gh gw) d -> 1 d gh gw", gh=g)
+        out = F.grid_sample(table, xy, mode=self.mode, padding_mode="border", align_corners=False)
+        return rearrange(out, "1 d 1 (b l) -> b l d", b=ctx.pos.shape[0])
+
     def embed(self, ctx: PosContext) -> Tensor:
         patch = ctx.is_patch
         b, l = patch.shape
         if not patch.any():
             return self.table.new_zeros(b, l, self.cfg.dim)
+        if not torch.equal(ctx.pos, ctx.coords.float() * patch.unsqueeze(-1)):  # augmented positions
+            return zero_cls_and_padding(self.sample(ctx), ctx)
         # one table per distinct grid in the batch, stacked; each token picks its row
         grids, which = torch.unique(ctx.grid[patch], dim=0, return_inverse=True)  # [G, 2], [N]
         tables = [self.table_for(h, w) for h, w in grids.tolist()]
