@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Segments, biased_attention
 from . import positions
+from .attention import Segments, biased_attention
 from .config import NaViTConfig
 from .packing import PackedBatch, drop_tokens, pack
 from .posenc import PosContext, PosEncoding, build_posenc
