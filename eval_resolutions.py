@@ -4,6 +4,7 @@
     python eval_resolutions.py runs/rope_16-48/checkpoints/step_00001000    # a checkpoint
     python eval_resolutions.py RUN --res 16,32,48 --aspect 16x32,32x16 --plots --out results/eval
     python eval_resolutions.py RUN --budgets 16,64,144,256,576              # token budgets, aspect kept
+    python eval_resolutions.py RUN --pos-mode extrapolate,interpolate    # both test-time modes
     accelerate launch --num_processes 2 --cpu eval_resolutions.py RUN ...   # counts merged over ranks
 
 Writes to --out: accuracy.md (the table, also printed), accuracy.csv, accuracy.json (counts per
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from navit_pe.cli import UsageError, check_out_dir
 from navit_pe.launch import relaunch_cpu_multiprocess
-from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, label_runs, load_run,
-                            markdown_table, parse_budgets, parse_hw, parse_sides, run_sweep,
+from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, expand_modes, label_runs,
+                            load_run, markdown_table, parse_budgets, parse_hw, parse_modes, parse_sides, run_sweep,
                             write_outputs)
 
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budgets", default="",
                     help="comma list of token budgets in patches per image, e.g. 16,64,144,256,576: every test "
                          "image keeps its aspect ratio, scaled to at most N patches (default: none)")
+    ap.add_argument("--pos-mode", default="extrapolate",
+                    help="comma list of test-time position modes, each its own row: extrapolate (the test "
+                         "grid's positions as they are), interpolate (grids beyond the trained extent "
+                         "scaled onto it) (default: %(default)s)")
     ap.add_argument("--data-root", default=None,
                     help="directory holding the prepared datasets (default: each run's data_root)")
     ap.add_argument("--out", default="results/eval", help="output directory for the table and plots "
@@ -76,6 +81,7 @@ def main(argv=None) -> int:
     main_proc = accelerator.is_main_process
     try:
         resolutions = columns(args)
+        modes = parse_modes(args.pos_mode)
         if not resolutions:
             raise SweepError("no resolutions to evaluate (--res, --aspect and --budgets are all empty); "
                              "give e.g. --res 16,32 or --budgets 16,64")
@@ -83,6 +89,8 @@ def main(argv=None) -> int:
         for r in runs:
             check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
         label_runs(runs)
+        models = runs
+        runs = expand_modes(runs, modes)  # one row per (run, test-time mode)
         out = check_out_dir(Path(args.out))  # every process checks: no rank may fail alone mid-sweep
         sweep = run_sweep(runs, resolutions, accelerator=accelerator, data_root=args.data_root,
                           max_seq_len=args.max_seq_len, tokens_per_batch=args.tokens_per_batch,
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
             if args.plots:
                 from navit_pe.visualize import plot_learned
 
-                for r in runs:
+                for r in models:
                     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label).strip("_")
                     written.append(plot_learned(r.model, out / f"learned_{slug}.png", title=r.label))
             print("wrote " + ", ".join(str(p) for p in written))

@@ -44,6 +44,9 @@ HELP = {  # one line per TrainConfig field: what it does and its unit (tests che
     "max_seq_len": "tokens per packed sequence (patches + CLS of all images packed in it); a step packs its "
                    "images into as many sequences as it needs",
     "token_drop": "fraction of patches dropped per image in training (0..1)",
+    "coord_shift": "coordinate augmentation: uniform offset per image and axis in [-S, S], in patches (0: off)",
+    "coord_jitter": "coordinate augmentation: per-axis log-uniform scale in [1/J, J], a factor (1: off)",
+    "coord_rescale": "coordinate augmentation: one log-uniform scale per image in [1/R, R], a factor (1: off)",
     # -- optimisation
     "epochs": "training epochs (passes over the training set)",
     "batch_images": "images per optimizer step, over all processes (an epoch has round(images / this) steps)",

@@ -87,8 +87,9 @@ class Segments:
         def take(t: Tensor) -> Tensor:
             return self.to_slots(t.reshape(-1, *t.shape[2:])).unsqueeze(0)
 
-        ids = take(ctx.image_ids).index_fill_(1, self.pad_slots, -1)
-        return PosContext(take(ctx.coords), take(ctx.grid), take(ctx.is_cls), ids)
+        out = ctx.map(take)
+        out.image_ids.index_fill_(1, self.pad_slots, -1)
+        return out
 
     def bucket_contexts(self, ctx: PosContext) -> list[PosContext]:
         """The slot-layout context cut into one [n_b, l_b] context per bucket (views, each with
@@ -99,7 +100,7 @@ class Segments:
             def cut(t: Tensor) -> Tensor:
                 return t[0, off:off + nb * lb].view(nb, lb, *t.shape[2:])
 
-            out.append(PosContext(cut(ctx.coords), cut(ctx.grid), cut(ctx.is_cls), cut(ctx.image_ids)))
+            out.append(ctx.map(cut))
             off += nb * lb
         return out
 

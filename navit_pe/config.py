@@ -32,6 +32,12 @@ class NaViTConfig:
     max_relative_distance: int = 2  # relative: distances clamped to +-k
     rope_base: float = 100.0  # rope: frequency base of the axial rotary encoding
     rope_mixed_base: float = 10.0  # rope_mixed: base of the initial frequency magnitudes
+    # -- positions (navit_pe/positions.py)
+    pos_mode: str = "extrapolate"  # at eval: "extrapolate" (test grid as is) or "interpolate" (scaled into
+    #                                the trained extent); settable on a trained model
+    coord_shift: float = 0.0  # training: uniform offset per image and axis in [-S, S] patches (0: off)
+    coord_jitter: float = 1.0  # training: per-axis log-uniform scale in [1/J, J] (1: off)
+    coord_rescale: float = 1.0  # training: one log-uniform scale per image in [1/R, R] (1: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,5 +70,10 @@ class NaViTConfig:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of auto, dense, varlen")
         if self.varlen_granularity < 1:
             raise ValueError(f"varlen_granularity must be at least 1, got {self.varlen_granularity}")
+        if self.pos_mode not in ("extrapolate", "interpolate"):
+            raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of extrapolate, interpolate")
+        if self.coord_shift < 0 or self.coord_jitter < 1 or self.coord_rescale < 1:
+            raise ValueError(f"need coord_shift >= 0, coord_jitter >= 1, coord_rescale >= 1 (off: 0, 1, 1), got "
+                             f"{self.coord_shift}, {self.coord_jitter}, {self.coord_rescale}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import positions
 from .attention import Segments, biased_attention
 from .config import NaViTConfig
 from .packing import PackedBatch, drop_tokens, pack
@@ -252,7 +253,7 @@ class NaViT(nn.Module):
         if self.training and self.token_drop > 0:
             batch = drop_tokens(batch, self.token_drop)
         n = batch.num_images
-        ctx = PosContext(batch.coords, batch.grid, batch.is_cls, batch.image_ids)
+        ctx = self._positions(PosContext(batch.coords, batch.grid, batch.is_cls, batch.image_ids))
         patches = batch.patches
         # layout: varlen (tokens regrouped by image, once, for the whole forward) unless asked
         # for the dense block-diagonal mask over the packed sequence
@@ -278,6 +279,23 @@ class NaViT(nn.Module):
         h = self.norm(h)
         # pool each image on its own, in image-id order
         return self.head(self._pool(h, ctx, n))
+
+    def _positions(self, ctx: PosContext) -> PosContext:
+        """Training: coordinate augmentation, then the trained extent is recorded. Eval with
+        pos_mode "interpolate": images beyond the trained extent scaled onto it."""
+        cfg = self.config
+        if self.training:
+            ctx = positions.augment(ctx, cfg.coord_shift, cfg.coord_jitter, cfg.coord_rescale)
+            positions.record_extent(self.pos.trained_extent, ctx)
+        elif cfg.pos_mode == "interpolate" and not self.pos.same_in_both_modes:
+            ctx = positions.interpolate(ctx, self.pos.trained_extent)
+        return ctx
+
+    def set_pos_mode(self, mode: str) -> None:
+        """Test-time position mode: "extrapolate" or "interpolate" (see navit_pe/positions.py)."""
+        if mode not in positions.POS_MODES:
+            raise ValueError(f"unknown pos_mode {mode!r}; choose one of {', '.join(positions.POS_MODES)}")
+        self.config.pos_mode = mode
 
     def _pool(self, h: Tensor, ctx: PosContext, n: int) -> Tensor:
         pool = self.config.pool

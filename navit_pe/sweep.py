@@ -1,12 +1,15 @@
 """Evaluate trained runs on a sweep of resolutions; write the table, CSV, JSON and plot.
 
     runs = [load_run(p) for p in paths]        # run dirs or RUN/checkpoints/step_* dirs
+    runs = expand_modes(runs, ["extrapolate", "interpolate"])  # one entry per (run, test-time mode)
     sweep = run_sweep(runs, resolutions, accelerator=acc)
     write_outputs(sweep, out_dir)             # accuracy.{md,csv,json,png}
 
 A cell is (correct, total) over the whole test split with every image resized to (h, w) and
 packed as in training (`navit_pe.evaluate.evaluate`), so the cell at a run's eval_res equals
-train.py's own final test accuracy. Bad input raises `SweepError` (one line for the CLI).
+train.py's own final test accuracy. Every (run, pos_mode) pair is its own row of the table, CSV
+and JSON and its own line of the plot; an encoding whose two modes are the same is evaluated
+once ("both modes"). Bad input raises `SweepError` (one line for the CLI).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import csv
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,10 +25,11 @@ import torch
 
 from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
-from .data import DataError, ensure_prepared, load_meta, split_sizes
+from .data import DataError, ensure_prepared
 from .evaluate import evaluate
 from .model import NaViT
-from .transforms import ResolutionSampler, TokenBudget, parse_aspect, parse_res, parse_resize
+from .positions import POS_MODES
+from .transforms import TokenBudget, parse_aspect, parse_res, parse_resize
 
 Res = tuple[int, int]  # (h, w) in pixels
 
@@ -40,8 +44,8 @@ class Budget:
 
 Column = Res | Budget
 
-DEFAULT_SIDES = (8, 12, 16, 24, 32, 40, 48, 56, 64)
-DEFAULT_ASPECTS: tuple[Res, ...] = ((16, 32), (32, 16), (32, 64), (64, 32))
+DEFAULT_SIDES = (8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96)  # 96 px = 24x24 patches, 577 tokens with CLS
+DEFAULT_ASPECTS: tuple[Res, ...] = ((16, 32), (32, 16), (16, 64), (64, 16), (32, 64), (64, 32))
 
 
 class SweepError(UsageError):
@@ -84,6 +88,16 @@ def parse_budgets(spec: str) -> list[Budget]:
     return [Budget(t) for t in tokens]
 
 
+def parse_modes(spec: str) -> list[str]:
+    """"extrapolate,interpolate" -> ["extrapolate", "interpolate"]."""
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in modes if m not in POS_MODES]
+    if bad or not modes:
+        raise SweepError(f"--pos-mode {spec!r}: choose one or more of {', '.join(POS_MODES)} (comma list)")
+    return list(dict.fromkeys(modes))
+
+
+
 def res_key(res: Column) -> str:
     return f"budget:{res.tokens}" if isinstance(res, Budget) else f"{res[0]}x{res[1]}"
 
@@ -111,6 +125,8 @@ class Run:
     train: dict  # train_config.json
     model: NaViT
     label: str = ""
+    pos_mode: str = "extrapolate"  # test-time position mode this entry is evaluated with
+    modes_same: bool = False  # the encoding's two modes are identical: this entry stands for both
 
     @property
     def train_range(self) -> tuple[int, int]:
@@ -144,7 +160,9 @@ class Run:
         train_result = json.loads(final.read_text()) if final.is_file() and self.step is None else None
         cfg = self.model.config
         return dict(label=self.label, path=str(self.path), run_dir=str(self.run_dir), checkpoint_step=self.step,
-                    pos_embed=cfg.pos_embed, train_res=self.train["train_res"], aspect=self.train.get("aspect"),
+                    pos_embed=cfg.pos_embed, pos_mode="both" if self.modes_same else self.pos_mode,
+                    trained_extent=self.model.pos.trained_extent.tolist(), train_res=self.train["train_res"],
+                    aspect=self.train.get("aspect"),
                     dataset=self.train["dataset"], mixed_precision=self.train.get("mixed_precision", "no"),
                     eval_res=self.train.get("eval_res"), patch_size=cfg.patch_size,
                     model_config=cfg.to_dict(), train_config=self.train, train_result=train_result)
@@ -220,18 +238,27 @@ def label_runs(runs: Sequence[Run]) -> None:
             r.label += f" ({r.run_dir.name})"
 
 
-def train_tokens_per_batch(train: dict, cfg: NaViTConfig, ddir: Path | None = None) -> int:
-    """Tokens per eval batch as train.py used them in a single-process run (same packing,
-    so the accuracy at eval_res equals the run's own); `ddir`: the run's data, whose source
-    sizes set the mean for --resize budget runs."""
-    p = cfg.patch_size
-    lo, hi = parse_res(train["train_res"], p)
-    budget = parse_resize(train.get("resize"), p)
-    sampler = budget or ResolutionSampler(lo, hi, p, parse_aspect(train.get("aspect")))
-    sizes = split_sizes(load_meta(ddir), "train") if budget is not None and ddir is not None else None
-    tok = sampler.mean_tokens(cfg.pool == "cls", sizes)
-    seq = int(train.get("max_seq_len", cfg.max_seq_len))
-    return max(1, round(int(train.get("batch_images", 128)) * tok / seq)) * seq
+def expand_modes(runs: Sequence[Run], modes: Sequence[str]) -> list[Run]:
+    """One entry per (run, mode), sharing the run's model; an encoding whose modes are the same
+    gets one entry. With several modes the labels say which: 'rope @16:48, interpolate'."""
+    out = []
+    for r in runs:
+        same = r.model.pos.same_in_both_modes and len(modes) > 1
+        for mode in modes[:1] if same else modes:
+            suffix = ", both modes" if same else (f", {mode}" if len(modes) > 1 else "")
+            out.append(replace(r, label=r.label + suffix, pos_mode=mode, modes_same=same))
+    return out
+
+
+def train_tokens_per_batch(train: dict, cfg: NaViTConfig) -> int:
+    """Tokens per eval batch as train.py used them (same packing, so the accuracy at eval_res
+    equals the run's own to the last digit)."""
+    return max(8192, int(train.get("max_seq_len", cfg.max_seq_len)))
+
+
+def train_precision(train: dict) -> str:
+    """The precision the run trained (and evaluated) in: --mixed-precision auto resolved."""
+    return train.get("resolved_mixed_precision", train.get("mixed_precision", "no"))
 
 
 def data_dir(run: Run, data_root: str | None = None) -> Path:
@@ -269,12 +296,13 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
         model = r.model.to(device)
-        tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config, ddir)
+        model.set_pos_mode(r.pos_mode)
+        tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size), tokens_per_batch=tpb, max_seq_len=max_seq_len,
-                                           accelerator=accelerator, num_workers=num_workers,
-                                           mixed_precision=r.train.get("mixed_precision", "no"))
+            sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size), tokens_per_batch=tpb,
+                                           max_seq_len=max_seq_len, accelerator=accelerator, num_workers=num_workers,
+                                           mixed_precision=train_precision(r.train))
             bar.update(1)
         r.model.to("cpu")
     bar.close()
@@ -301,10 +329,12 @@ def markdown_table(sweep: Sweep) -> str:
 def write_csv(sweep: Sweep, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "pos_embed", "train_res", "aspect", "step"] + [res_key(r) for r in sweep.resolutions])
+        w.writerow(["run", "pos_embed", "pos_mode", "train_res", "aspect", "step"]
+                   + [res_key(r) for r in sweep.resolutions])
         for i, run in enumerate(sweep.runs):
-            w.writerow([run.label, run.model.config.pos_embed, run.train["train_res"], run.train.get("aspect") or "",
-                        "" if run.step is None else run.step] + [repr(sweep.acc(i, r)) for r in sweep.resolutions])
+            w.writerow([run.label, run.model.config.pos_embed, "both" if run.modes_same else run.pos_mode,
+                        run.train["train_res"], run.train.get("aspect") or "", "" if run.step is None else run.step]
+                       + [repr(sweep.acc(i, r)) for r in sweep.resolutions])
 
 
 def to_json(sweep: Sweep) -> dict:
@@ -352,35 +382,43 @@ def plot_accuracy(sweep: Sweep, path: Path) -> None:
     axes = list(axes[0])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n = len(sweep.runs)
+    models = list(dict.fromkeys(id(r.model) for r in sweep.runs))  # one colour per run, whatever its modes
     for i, run in enumerate(sweep.runs):
-        c = colors[i % len(colors)]
+        c = colors[models.index(id(run.model)) % len(colors)]
+        style = "o--" if run.pos_mode == "interpolate" and not run.modes_same else "o-"
         if squares:
             ax = axes[0]
+            first = run is next(r for r in sweep.runs if r.model is run.model)  # each run's range once
             if squares is budgets:
                 xs = [b.tokens for b in budgets]
                 for x, b in zip(xs, budgets):
-                    if run.in_train_range(b):
+                    if first and run.in_train_range(b):
                         ax.axvline(x, color=c, alpha=0.3)
             else:
                 xs = [s for s, _ in squares]
                 lo, hi = run.train_range
-                ax.axvspan(lo, hi, color=c, alpha=0.08, lw=0)
-            ax.plot(xs, [sweep.acc(i, r) for r in squares], "o-", color=c, label=run.label)
+                if first:
+                    ax.axvspan(lo, hi, color=c, alpha=0.08, lw=0)
+                    for x in (lo, hi):
+                        ax.axvline(x, color=c, lw=0.8, ls=":")
+            ax.plot(xs, [sweep.acc(i, r) for r in squares], style, color=c, label=run.label)
         if others:
             ax = axes[-1]
             off = (i - (n - 1) / 2) * min(0.6 / max(n, 1), 0.15)
             for j, res in enumerate(others):
                 inside = run.in_train_range(res)
-                ax.plot(j + off, sweep.acc(i, res), "s", color=c, mfc=c if inside else "white",
+                marker = "D" if style == "o--" else "s"  # diamonds: interpolate
+                ax.plot(j + off, sweep.acc(i, res), marker, color=c, mfc=c if inside else "white",
                         label=run.label if not squares and j == 0 else None)
     if squares:
         ax = axes[0]
         if squares is budgets:
-            ax.set_xlabel("token budget (patches per image, aspect ratio kept); line: trained at")
+            ax.set_xlabel("token budget (patches per image, aspect ratio kept); line: trained at; "
+                          "dashed: interpolate")
             ax.set_xticks([b.tokens for b in budgets])
             ax.set_title("token budgets")
         else:
-            ax.set_xlabel("square side (px); shaded: training range")
+            ax.set_xlabel("square side (px); shaded: training range; dashed: interpolate")
             ax.set_xticks([s for s, _ in squares])
             ax.set_title("square resolutions")
     if others:

@@ -54,6 +54,9 @@ class TrainConfig:
     dropout: float = 0.1
     max_seq_len: int = 256  # tokens per packed sequence (a step packs its images into as many as it needs)
     token_drop: float = 0.0  # fraction of each image's patches dropped in training
+    coord_shift: float = 0.0  # coordinate augmentation (DINOv3): offset per image and axis in [-S, S] patches
+    coord_jitter: float = 1.0  # per-axis log-uniform position scale in [1/J, J] (1: off)
+    coord_rescale: float = 1.0  # one log-uniform position scale per image in [1/R, R] (1: off)
     # -- optimisation (the reference CIFAR recipe)
     epochs: int = 200
     batch_images: int = 128  # images per optimizer step, over all processes
@@ -79,7 +82,9 @@ class TrainConfig:
     def model_config(self, num_classes: int) -> NaViTConfig:
         return NaViTConfig(pos_embed=self.pos_embed, num_classes=num_classes, patch_size=self.patch_size,
                            dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
-                           dropout=self.dropout, pool=self.pool, max_seq_len=self.max_seq_len)
+                           dropout=self.dropout, pool=self.pool, max_seq_len=self.max_seq_len,
+                           coord_shift=self.coord_shift, coord_jitter=self.coord_jitter,
+                           coord_rescale=self.coord_rescale)
 
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.pos_embed}_{(self.resize or self.train_res).replace(':', '-')}")

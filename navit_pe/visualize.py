@@ -121,17 +121,22 @@ def _rotary_logits(model: NaViT) -> plt.Figure:
 
 
 def _relative_bias(model: NaViT) -> plt.Figure:
-    """The key term of the bias from the centre query to every offset, one panel per layer."""
+    """The bias from the centre query to every offset, one panel per layer (and head, where
+    heads differ: every bias encoding but Shaw's, whose heads share the tables)."""
     side = 2 * RADIUS + 1
     layers = _layers(model)
+    shared = model.pos.value_term  # `relative`: one table for all heads, a key term through q
     maps = []
     for layer in layers:
         ctx, centre = _offset_context()
         bias = model.pos.attn_bias(_unit_q(model, side * side), ctx, layer)  # [1, heads, N, N]
-        maps.append(bias[0, :1, centre].view(1, side, side))  # heads share the tables and q
+        bias = bias[0, :1 if shared else None, centre]
+        maps.append(bias.clamp(min=-50).view(-1, side, side))  # masked pairs (lookhere) shown at -50
     k = getattr(model.pos, "k", None)
-    titles = [[f"layer {layer} (all heads)"] for layer in layers]
-    return _offset_grid(maps, titles, "q·a^K(dr, dc) (unit q)", clamp=k)
+    heads = 1 if shared else model.config.heads
+    titles = [[f"layer {layer} (all heads)" if shared else f"layer {layer}, head {h}" for h in range(heads)]
+              for layer in layers]
+    return _offset_grid(maps, titles, "q·a^K(dr, dc) (unit q)" if shared else "bias(dr, dc)", clamp=k)
 
 
 def _offset_grid(maps: list[Tensor], titles: list[list[str]], label: str, clamp: int | None = None) -> plt.Figure:

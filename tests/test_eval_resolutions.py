@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SQUARES = ["8x8", "12x12", "16x16", "24x24", "32x32", "40x40", "48x48", "56x56", "64x64"]
-OTHERS = ["16x32", "32x16", "32x64", "64x32"]
+SQUARES = ["8x8", "16x16", "24x24", "32x32", "40x40", "48x48", "56x56", "64x64", "72x72", "80x80", "88x88", "96x96"]
+OTHERS = ["16x32", "32x16", "16x64", "64x16", "32x64", "64x32"]
 
 
 def run_py(*args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -42,7 +42,8 @@ def sweep_out(runs, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     """One single-process sweep over both runs and the rope run's checkpoint, with --plots."""
     out = tmp_path_factory.mktemp("eval_out")
     ckpt = sorted((runs["rope"] / "checkpoints").glob("step_*"))[-1]
-    proc = run_py("eval_resolutions.py", runs["rope"], runs["learned_1d"], ckpt, "--out", out, "--plots")
+    proc = run_py("eval_resolutions.py", runs["rope"], runs["learned_1d"], ckpt, "--out", out, "--plots",
+                  timeout=300)  # the default sweep reaches 96 px: leave room on a busy machine
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -97,6 +98,32 @@ def test_eval_res_matches_train(runs, sweep_out):
     # the last checkpoint holds the final weights
     assert data["rope @16:32 step 2"]["results"] == data["rope @16:32"]["results"]
     assert data["rope @16:32 step 2"]["checkpoint_step"] == 2
+
+
+def test_both_pos_modes_are_rows(runs, sweep_out, tmp_path):
+    """--pos-mode extrapolate,interpolate: one row per (run, mode), one for an encoding whose
+    modes are the same; inside the training range the two modes agree, the extrapolate row is
+    the default sweep's row."""
+    out = tmp_path / "modes"
+    proc = run_py("eval_resolutions.py", runs["rope"], runs["learned_1d"], "--out", out, "--res", "16,32,64",
+                  "--aspect", "", "--pos-mode", "extrapolate,interpolate")
+    assert proc.returncode == 0, proc.stderr
+    header, rows = parse_table((out / "accuracy.md").read_text())
+    assert list(rows) == ["rope @16:32, extrapolate", "rope @16:32, interpolate", "learned_1d @16:32, both modes"]
+    ext, itp = rows["rope @16:32, extrapolate"], rows["rope @16:32, interpolate"]
+    assert ext[:2] == itp[:2]  # 16x16 and 32x32: inside the trained extent, the same model
+    default = {r["label"]: r["results"] for r in json.loads((sweep_out[0] / "accuracy.json").read_text())["runs"]}
+    data = {r["label"]: r for r in json.loads((out / "accuracy.json").read_text())["runs"]}
+    for key in header:
+        assert data["rope @16:32, extrapolate"]["results"][key] == default["rope @16:32"][key]
+    assert [data[k]["pos_mode"] for k in rows] == ["extrapolate", "interpolate", "both"]
+    assert data["rope @16:32, interpolate"]["trained_extent"] == [8.0, 8.0]  # 32 px / patch 4
+    with open(out / "accuracy.csv") as f:
+        assert [r["pos_mode"] for r in csv.DictReader(f)] == ["extrapolate", "interpolate", "both"]
+    from navit_pe.sweep import SweepError, parse_modes
+
+    with pytest.raises(SweepError, match="extrapolate, interpolate"):  # the CLI prints it as one line
+        parse_modes("extrapolate,stretch")
 
 
 def test_pngs_are_images(sweep_out):

@@ -58,7 +58,8 @@ def test_smoke_one_epoch(tiny_shards, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
-    args = ["--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "relative", "--token-drop", "0.2"]
+    args = ["--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "relative", "--token-drop", "0.2",
+            "--coord-shift", "1", "--coord-jitter", "1.3", "--coord-rescale", "1.5"]  # augmentation resumes too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     ok(run_train(tiny_shards, straight, *args))
     proc = ok(run_train(tiny_shards, resumed, *args, "--stop-after", "3"))  # mid-epoch
@@ -131,6 +132,7 @@ def test_two_processes(tiny_shards, tmp_path):
     (["--train-res", "16:64"], "max-seq-len"),
     (["--mixed-precision", "fp8"], "mixed-precision"),
     (["--heads", "0"], "--heads must be at least 1"),
+    (["--coord-jitter", "0.5"], "coord_jitter >= 1"),
     (["--dim", "34", "--heads", "2"], "divisible by 4"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
 ])

@@ -6,9 +6,12 @@ add it to `_CLASSES`; the registry-parametrized tests then cover it automaticall
 from __future__ import annotations
 
 from ..config import NaViTConfig
+from .alibi import ALiBi2D
 from .base import PosContext, PosEncoding
+from .fire import FIRE2D
 from .fractional import Fractional
 from .learned import Factorized, Learned1D, Learned2D
+from .lookhere import LookHere
 from .none import NoPosEncoding
 from .relative import Relative2D
 from .rope import RoPE2D, RoPEMixed
@@ -16,6 +19,7 @@ from .sincos import SinCos2D
 
 _CLASSES: tuple[type[PosEncoding], ...] = (
     NoPosEncoding, Learned1D, Learned2D, Factorized, Fractional, SinCos2D, Relative2D, RoPE2D, RoPEMixed,
+    ALiBi2D, LookHere, FIRE2D,
 )
 REGISTRY: dict[str, type[PosEncoding]] = {c.name: c for c in _CLASSES}
 POS_EMBEDS: tuple[str, ...] = tuple(REGISTRY)

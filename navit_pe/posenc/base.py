@@ -15,7 +15,14 @@ clamped distance indices) go into `ctx.cache` and are shared by all blocks.
 
 Layouts: the context is [B, L] in the packed layout, or [1, S] in the model's varlen layout
 (tokens regrouped image by image; unused slots look like padding: image_ids -1, grid 0).
-Hooks must treat every token by its own fields only. The pairwise hooks (`attn_bias`,
+Hooks must treat every token by its own fields only.
+
+Positions: `coords` are the integer patch indices; `pos` are the float positions the encodings
+read, pos = coords * scale + offset per image and axis (`navit_pe.positions`): equal to coords
+unless coordinate augmentation (training) or position interpolation (eval, pos_mode
+"interpolate") scaled or moved them. `scale` is that per-image, per-axis factor. Every
+encoding records nothing itself: the model keeps `trained_extent` (a buffer of this base
+class, in the state dict) up to date in training mode. The pairwise hooks (`attn_bias`,
 `attn_value`) get [B, L] contexts only: the packed layout, or in the varlen layout one bucket
 at a time as [images, length] (one image per row, shorter images' extra keys masked).
 """
@@ -36,11 +43,29 @@ class PosContext:
     grid: Tensor  # [B, L, 2] long (h, w) of the token's image, in patches; 0 on padding
     is_cls: Tensor  # [B, L] bool, the CLS slot of each image
     image_ids: Tensor  # [B, L] long, -1 on padding
+    pos: Tensor | None = None  # [B, L, 2] float positions read by the encodings; default coords (0 off patches)
+    scale: Tensor | None = None  # [B, L, 2] float: pos = coords * scale + offset; default 1
     cache: dict = field(default_factory=dict)  # per-forward values shared across blocks
+
+    def __post_init__(self):
+        if self.pos is None:
+            self.pos = self.coords.float() * self.is_patch.unsqueeze(-1).float()
+        if self.scale is None:
+            self.scale = torch.ones(self.coords.shape, device=self.coords.device)
 
     @property
     def is_patch(self) -> Tensor:
         return (self.image_ids >= 0) & ~self.is_cls
+
+    @property
+    def extent(self) -> Tensor:
+        """[B, L, 2] float: the image's span along each axis in position units, (grid - 1) * scale + 1."""
+        return (self.grid - 1).clamp(min=0) * self.scale + 1
+
+    def map(self, fn) -> "PosContext":
+        """The same context with `fn` applied to every tensor field (a new, empty cache)."""
+        return PosContext(*(fn(t) for t in (self.coords, self.grid, self.is_cls, self.image_ids, self.pos,
+                                             self.scale)))
 
 
 class PosEncoding(nn.Module):
@@ -52,10 +77,25 @@ class PosEncoding(nn.Module):
     uses_bias: ClassVar[bool] = False
     uses_rotate: ClassVar[bool] = False
     value_term: ClassVar[bool] = False
+    relative: ClassVar[bool] = False  # patch-patch logits depend on position differences only
+    same_in_both_modes: ClassVar[bool] = False  # pos_mode "interpolate" == "extrapolate" (grid-relative)
+    mirror_symmetric: ClassVar[bool] = False  # a mirrored image gives the same logits (distance-only bias)
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__()
         self.cfg = cfg
+        # largest position + 1 per (row, col) seen in training mode; 0: never trained
+        self.register_buffer("trained_extent", torch.zeros(2))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the trained extent was tracked: keep 0 (unknown)
+        state_dict.setdefault(prefix + "trained_extent", self.trained_extent.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def readable_extent(self, size: int) -> Tensor:
+        """[2] float: how many rows / cols of a `size`-entry table were trained (all if unknown)."""
+        t = self.trained_extent
+        return torch.where(t > 0, t.clamp(1, size), torch.full_like(t, float(size)))
 
     def embed(self, ctx: PosContext) -> Tensor | None:
         return None

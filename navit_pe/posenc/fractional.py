@@ -11,7 +11,8 @@ their resolution. r is mapped to a vector by cfg.fractional_fn:
              integer sincos shifted by half a patch, on others a rescaled copy of it.
 - "fourier": learned Fourier features (NeRF / Tancik et al.): a learned frequency matrix
              [2, dim/2] maps (r_row, r_col) jointly, sin and cos of 2*pi*that give dim
-             features, and one linear layer maps them to dim.
+             features (in fp32), and one linear layer maps them to dim.
+Since r is relative to the image's own grid, both test-time position modes are the same.
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ FOURIER_STD = 4.0  # init std of the Fourier frequencies, in cycles per image si
 def fractional_coords(ctx: PosContext) -> Tensor:
     """[B, L, 2] float (r_row, r_col) in (0, 1); padding (grid 0) gets 0.5 and is zeroed later."""
     side = ctx.grid.clamp(min=1).float()
-    return (ctx.coords.float() + 0.5) / side
+    return (ctx.pos + 0.5) / side
 
 
 class Fractional(PosEncoding):
     name = "fractional"
     cls_handling = CLS_ZERO
     uses_embed = True
+    same_in_both_modes = True  # r is a fraction of the image's own grid on every grid
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
@@ -72,7 +74,13 @@ class Fractional(PosEncoding):
             emb = self._lerp(self.rows, r[..., 0]) + self._lerp(self.cols, r[..., 1])
         elif self.fn == "sincos":
             emb = sincos_2d(r * self.cfg.max_grid, self.cfg.dim)
-        else:  # fourier: [B, L, 2] @ [2, dim/2] -> sin, cos -> linear
-            ang = 2 * math.pi * (r @ self.freqs)
-            emb = self.proj(torch.cat([ang.sin(), ang.cos()], dim=-1))
+        else:
+            emb = self.proj(self.fourier_features(r))
         return zero_cls_and_padding(emb, ctx)
+
+    def fourier_features(self, r: Tensor) -> Tensor:
+        """[B, L, 2] @ [2, dim/2] -> [sin, cos] [B, L, dim], in fp32 even under autocast (bf16
+        angles of 2 pi r f are off by up to ~0.3 rad on a 64x64 grid)."""
+        with torch.autocast(r.device.type, enabled=False):
+            ang = 2 * math.pi * (r.float() @ self.freqs.float())
+            return torch.cat([ang.sin(), ang.cos()], dim=-1)

@@ -5,3 +5,4 @@ from .base import PosEncoding
 class NoPosEncoding(PosEncoding):
     name = "none"
     cls_handling = "nothing to handle: no token gets a position"
+    same_in_both_modes = True

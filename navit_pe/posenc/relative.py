@@ -32,6 +32,7 @@ class Relative2D(PosEncoding):
     cls_handling = "a learned CLS entry (index 2k+1 of each table) for every pair with a CLS query or key"
     uses_bias = True
     value_term = True
+    relative = True
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
@@ -48,9 +49,9 @@ class Relative2D(PosEncoding):
         """[B, 1, L, L] long: dr * (2k+2) + dc for query i (dim 2) and key j (dim 3), cached."""
         if "relative_idx" not in ctx.cache:
             k = self.k
-            pos = ctx.coords
+            pos = ctx.pos  # float where augmented or interpolated: distances round to the nearest entry
             dist = pos[:, None, :, :] - pos[:, :, None, :]  # [B, i, j, 2]: (r_j - r_i, c_j - c_i)
-            idx = dist.clamp(-k, k) + k
+            idx = dist.round().long().clamp(-k, k) + k
             cls_pair = ctx.is_cls[:, :, None] | ctx.is_cls[:, None, :]  # [B, i, j]
             idx = idx.masked_fill(cls_pair[..., None], 2 * k + 1)
             joint = idx[..., 0] * (2 * k + 2) + idx[..., 1]

@@ -11,7 +11,8 @@ layout); pair m is rotated by angle[m]:
   pair (f_x, f_y) per channel pair; the angle at (x = col, y = row) is x f_x + y f_y, so
   a pair can turn along any direction, diagonals included.
 
-CLS and padding are not rotated (angle 0). Angles and rotations are computed in fp32.
+CLS and padding are not rotated (angle 0). Angles and rotations are computed in fp32. Positions
+are the float ctx.pos, so pos_mode "interpolate" is position interpolation (Chen et al. 2023).
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def patch_positions(ctx: PosContext) -> Tensor:
-    """[B, L, 2] float (row, col) of patches; 0 on CLS and padding, so they get angle 0."""
-    return ctx.coords.float() * ctx.is_patch.unsqueeze(-1).float()
+    """[B, L, 2] float (row, col) of patches (ctx.pos: augmented or interpolated where asked);
+    0 on CLS and padding, so they get angle 0."""
+    return ctx.pos
 
 
 def _check_head_dim(cfg: NaViTConfig, name: str) -> None:
@@ -48,6 +50,7 @@ class RoPE2D(PosEncoding):
     name = "rope"
     cls_handling = CLS_IDENTITY
     uses_rotate = True
+    relative = True
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
@@ -75,6 +78,7 @@ class RoPEMixed(PosEncoding):
     name = "rope_mixed"
     cls_handling = CLS_IDENTITY
     uses_rotate = True
+    relative = True
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)

@@ -3,8 +3,8 @@
 Channel layout (pinned by a test with hand-computed values, since MAE, big_vision and timm
 differ): the first dim/2 channels encode the row, the last dim/2 the column; each half is
 [sin(pos * w_0), ..., sin(pos * w_{D-1}), cos(pos * w_0), ..., cos(pos * w_{D-1})] with
-D = dim/4 and w_k = 10000^(-k/D). Position is the integer patch index, so a larger grid
-continues the same functions and a smaller one is a crop of them.
+D = dim/4 and w_k = 10000^(-k/D). Position is the patch index (ctx.pos, a float where augmented
+or interpolated), so a larger grid continues the same functions and a smaller one is a crop.
 """
 import torch
 from torch import Tensor
@@ -31,4 +31,4 @@ class SinCos2D(PosEncoding):
             raise ValueError(f"sincos needs dim divisible by 4, got dim={cfg.dim}")
 
     def embed(self, ctx: PosContext) -> Tensor:
-        return zero_cls_and_padding(sincos_2d(ctx.coords, self.cfg.dim), ctx)
+        return zero_cls_and_padding(sincos_2d(ctx.pos, self.cfg.dim), ctx)

@@ -8,4 +8,5 @@ for pe in learned_1d sincos rope rope_mixed; do
     --out "runs/c10_${pe}_5ep"
 done
 .venv/bin/python eval_resolutions.py runs/c10_learned_1d_5ep runs/c10_sincos_5ep runs/c10_rope_5ep \
-  runs/c10_rope_mixed_5ep --out results/cifar10_5ep --plots
+  runs/c10_rope_mixed_5ep --out results/cifar10_5ep --plots \
+  --res 8,12,16,24,32,40,48,56,64 --aspect 16x32,32x16,32x64,64x32  # the sweep's defaults at the time
