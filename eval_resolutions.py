@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens-per-batch", type=int, default=None,
                     help="tokens per evaluation batch, all sequences together (default: as train.py evaluated "
                          "the run)")
+    ap.add_argument("--max-images", type=int, default=0,
+                    help="evaluate only the first N test images (in the split's order; 0: all) for a quick sweep")
     ap.add_argument("--num-workers", type=int, default=0,
                     help="DataLoader worker processes per process (default: %(default)s)")
     ap.add_argument("--plots", action="store_true",
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
         if not resolutions:
             raise SweepError("no resolutions to evaluate (--res, --aspect and --budgets are all empty); "
                              "give e.g. --res 16,32 or --budgets 16,64")
+        if args.max_images < 0:
+            raise SweepError(f"--max-images must be 0 (all test images) or a positive count, got {args.max_images}")
         runs = [load_run(p) for p in args.runs]
         for r in runs:
             check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
         out = check_out_dir(Path(args.out))  # every process checks: no rank may fail alone mid-sweep
         sweep = run_sweep(runs, resolutions, accelerator=accelerator, data_root=args.data_root,
                           max_seq_len=args.max_seq_len, tokens_per_batch=args.tokens_per_batch,
+                          max_images=args.max_images,
                           num_workers=args.num_workers, progress=main_proc)
         if main_proc:
             paths = write_outputs(sweep, out)

@@ -39,14 +39,15 @@ def load_split(data: str | Path | ImageStore, split: str = "test") -> ImageStore
 @torch.no_grad()
 def evaluate(model: NaViT, data: str | Path | ImageStore, size: tuple[int, int] | TokenBudget, *,
              tokens_per_batch: int = 8192, max_seq_len: int | None = None, accelerator=None, mixed_precision: str = "no",
-             num_workers: int = 0, split: str = "test") -> tuple[int, int]:
+             num_workers: int = 0, split: str = "test", max_images: int = 0) -> tuple[int, int]:
     """(correct, total) over the whole `split` of `data` (a dataset dir or a loaded ImageStore),
     every image resized to `size` = (h, w), or by a size policy (TokenBudget: each image to its own
     size within the budget).
 
     Under Accelerate rank r evaluates every world-th image and the counts are summed (packed
     batches hold different numbers of images, so we reduce counts, never gather predictions).
-    `max_seq_len` is raised automatically when one image needs more tokens.
+    `max_seq_len` is raised automatically when one image needs more tokens. `max_images` > 0:
+    only the split's first `max_images` images.
     """
     cfg = model.config
     p = cfg.patch_size
@@ -55,7 +56,8 @@ def evaluate(model: NaViT, data: str | Path | ImageStore, size: tuple[int, int] 
     cls = cfg.pool == "cls"
     L = seq_len_for(size, p, max_seq_len or cfg.max_seq_len, cls)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    batches = EvalBatches(load_split(data, split), size, p, L, max(1, tokens_per_batch // L), cls, rank, world)
+    batches = EvalBatches(load_split(data, split), size, p, L, max(1, tokens_per_batch // L), cls, rank, world,
+                          max_images)
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
     device = next(model.parameters()).device
     was_training = model.training

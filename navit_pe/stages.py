@@ -101,9 +101,10 @@ class EvalBatches(IterableDataset):
     about `batch_seqs` sequences of `max_seq_len` tokens."""
 
     def __init__(self, store: ImageStore, size: tuple[int, int] | TokenBudget, patch_size: int, max_seq_len: int,
-                 batch_seqs: int, cls_token: bool, rank: int = 0, world: int = 1):
+                 batch_seqs: int, cls_token: bool, rank: int = 0, world: int = 1, max_images: int = 0):
         super().__init__()
         self.store, self.size, self.patch_size, self.max_seq_len = store, size, patch_size, max_seq_len
+        self.count = min(len(store), max_images) if max_images > 0 else len(store)  # the first `count` images
         self.cls_token, self.rank, self.world = cls_token, rank, world
         tokens = ((size[0] // patch_size) * (size[1] // patch_size) if isinstance(size, tuple)
                   else size.max_tokens()) + int(cls_token)
@@ -115,7 +116,7 @@ class EvalBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[PackedBatch]:
         transform = EvalTransform()
-        mine = list(range(self.rank, len(self.store), self.world))
+        mine = list(range(self.rank, self.count, self.world))
         chunks = [mine[i:i + self.per_batch] for i in range(0, len(mine), self.per_batch)]
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)

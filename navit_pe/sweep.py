@@ -276,6 +276,7 @@ class Sweep:
     resolutions: list[Column]  # (h, w) sizes and token budgets
     cells: dict[tuple[int, Res], tuple[int, int]] = field(default_factory=dict)  # (run index, res) -> (correct, total)
     num_processes: int = 1  # processes whose counts were summed
+    max_images: int = 0  # only the first N test images were evaluated (0: all)
 
     def acc(self, i: int, res: Res) -> float:
         correct, total = self.cells[i, res]
@@ -283,7 +284,7 @@ class Sweep:
 
 
 def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator=None, data_root: str | None = None,
-              max_seq_len: int | None = None, tokens_per_batch: int | None = None,
+              max_seq_len: int | None = None, tokens_per_batch: int | None = None, max_images: int = 0,
               num_workers: int = 0, progress: bool = True) -> Sweep:
     from tqdm.auto import tqdm
 
@@ -291,7 +292,7 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
         check_resolutions(resolutions, r.model.config.patch_size, str(r.path))
     ddirs = [data_dir(r, data_root) for r in runs]  # all data found before any evaluation
     sweep = Sweep(list(runs), list(resolutions),
-                  num_processes=accelerator.num_processes if accelerator is not None else 1)
+                  num_processes=accelerator.num_processes if accelerator is not None else 1, max_images=max_images)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
@@ -302,7 +303,7 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
             bar.set_description(f"{r.label} {res_key(res)}")
             sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size), tokens_per_batch=tpb,
                                            max_seq_len=max_seq_len, accelerator=accelerator, num_workers=num_workers,
-                                           mixed_precision=train_precision(r.train))
+                                           mixed_precision=train_precision(r.train), max_images=max_images)
             bar.update(1)
         r.model.to("cpu")
     bar.close()
@@ -347,7 +348,8 @@ def to_json(sweep: Sweep) -> dict:
             cells[res_key(res)] = dict(size, acc=sweep.acc(i, res), correct=correct, total=total,
                                        in_train_range=run.in_train_range(res))
         runs.append(dict(run.metadata(), results=cells))
-    return dict(resolutions=[res_key(r) for r in sweep.resolutions], num_processes=sweep.num_processes, runs=runs)
+    return dict(resolutions=[res_key(r) for r in sweep.resolutions], num_processes=sweep.num_processes,
+                max_images=sweep.max_images, runs=runs)
 
 
 def write_outputs(sweep: Sweep, out: Path) -> dict[str, Path]:

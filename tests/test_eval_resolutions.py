@@ -214,3 +214,26 @@ def test_train_range_with_aspect():
     assert aspect.in_train_range((32, 64)) and aspect.in_train_range((64, 32)) and aspect.in_train_range((16, 32))
     assert not aspect.in_train_range((64, 64)) and not aspect.in_train_range((8, 8))
     assert not aspect.in_train_range((16, 64))
+
+
+def test_max_images_takes_the_first_n(runs, sweep_out, tmp_path):
+    """--max-images N: every cell counts the split's first N images, and those are the same images
+    as in the full sweep (the cells of a one-image sweep agree with evaluate on that image)."""
+    out = tmp_path / "few"
+    proc = run_py("eval_resolutions.py", runs["rope"], "--out", out, "--res", "16,32", "--aspect", "",
+                  "--max-images", "7")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "accuracy.json").read_text())
+    assert data["max_images"] == 7
+    assert all(c["total"] == 7 for c in data["runs"][0]["results"].values())
+    from navit_pe import NaViT
+    from navit_pe.evaluate import evaluate
+
+    model = NaViT.from_pretrained(runs["rope"])
+    train = json.loads((runs["rope"] / "train_config.json").read_text())
+    ddir = Path(train["data_root"]) / train["dataset"]
+    full = [evaluate(model, ddir, (32, 32), max_images=n, mixed_precision=train["resolved_mixed_precision"])
+            for n in (7, 0)]
+    assert full[0] == (data["runs"][0]["results"]["32x32"]["correct"], 7) and full[1][1] == 30
+    proc = run_py("eval_resolutions.py", runs["rope"], "--out", out, "--max-images", "-1")
+    assert proc.returncode == 2 and "--max-images" in proc.stderr and "Traceback" not in proc.stderr
