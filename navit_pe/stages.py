@@ -23,7 +23,23 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .data import ImageStore
 from .packing import PackedBatch, pack
-from .transforms import EvalTransform, ResolutionSampler, TokenBudget, TrainTransform
+from .transforms import EvalTransform, ResolutionSampler, TokenBudget, TrainTransform, normalize_patches
+
+
+def image_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's draws in one epoch (an int: seeding from a string hashes it, 10x slower)."""
+    return (seed * 100_003 + epoch) * 1_000_000_007 + index
+
+
+def packed_uint8(images: list[torch.Tensor], idx: list[int], labels: list[int], patch_size: int, max_seq_len: int,
+                 cls_token: bool) -> PackedBatch:
+    """Pack uint8 images and normalise all their patches at once (one pass instead of one per image)."""
+    batch = pack(images, patch_size, max_seq_len, labels, cls_token=cls_token)
+    real = batch.is_patch
+    patches = torch.zeros(batch.patches.shape, dtype=torch.float32)
+    patches[real] = normalize_patches(batch.patches[real], patch_size)
+    batch.patches, batch.sample_ids = patches, torch.tensor(idx, dtype=torch.long)
+    return batch
 
 
 def steps_per_epoch(n_images: int, batch_images: int) -> int:
@@ -80,13 +96,11 @@ class TrainBatches(IterableDataset):
         idx = self.plan.images(step, self.rank, self.world)
         images = []
         for i in idx:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{i}")  # the image's own draws: size, crop, flip, ops
+            rng = random.Random(image_seed(self.seed, self.epoch, i))  # the image's own draws: size, crop, flip, ops
             size = self.sampler.sample(rng, self.store.sizes[i])  # a policy may use the source size
-            images.append(self.transform(self.store.image(i), rng, size))
-        batch = pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
-                     cls_token=self.cls_token)
-        batch.sample_ids = torch.tensor(idx, dtype=torch.long)
-        return batch
+            images.append(self.transform(self.store.image(i), rng, size, normalize=False))
+        return packed_uint8(images, idx, [self.store.labels[i] for i in idx], self.patch_size, self.max_seq_len,
+                            self.cls_token)
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()  # DataLoader workers take turns step by step, so order is kept
@@ -121,9 +135,7 @@ class EvalBatches(IterableDataset):
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for idx in chunks[w::n]:
-            images = [transform(self.store.image(i), self.size_of(i)) for i in idx]
-            batch = pack(images, self.patch_size, self.max_seq_len, [self.store.labels[i] for i in idx],
-                         cls_token=self.cls_token)
-            batch.sample_ids = torch.tensor(idx, dtype=torch.long)
-            yield batch
+            images = [transform(self.store.image(i), self.size_of(i), normalize=False) for i in idx]
+            yield packed_uint8(images, idx, [self.store.labels[i] for i in idx], self.patch_size, self.max_seq_len,
+                               self.cls_token)
 

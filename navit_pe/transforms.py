@@ -28,6 +28,8 @@ __all__ = [
     "random_hflip",
     "RandAugment",
     "to_tensor",
+    "to_uint8",
+    "normalize_patches",
     "denormalize",
     "resize",
     "TrainTransform",
@@ -462,12 +464,24 @@ class RandAugment:
 # ---------------------------------------------------------------------------
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image -> float32 [3, H, W] normalised with CIFAR mean/std."""
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 [3, H, W] (a view of the pixels: the batch is normalised at once)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-    return torch.addcmul(_BIAS, x.float(), _SCALE)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float32 [3, H, W] normalised with CIFAR mean/std."""
+    return torch.addcmul(_BIAS, to_uint8(img).float(), _SCALE)
+
+
+def normalize_patches(patches: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """uint8 patches [..., 3*p*p] (channel-major, as patchify cuts them) -> float32, normalised
+    exactly as to_tensor normalises an image."""
+    per = patch_size * patch_size
+    scale, bias = _SCALE.view(3).repeat_interleave(per), _BIAS.view(3).repeat_interleave(per)
+    return torch.addcmul(bias, patches.float(), scale)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -502,7 +516,9 @@ class TrainTransform:
         self.padding, self.hflip_p = padding, hflip_p
         self.randaugment = RandAugment(num_ops, magnitude, num_magnitude_bins) if randaugment else None
 
-    def __call__(self, img: Image.Image, rng: random.Random, size: tuple[int, int]) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: random.Random, size: tuple[int, int],
+                 normalize: bool = True) -> torch.Tensor:
+        """float32 [3, h, w] normalised (as to_tensor), or with normalize=False uint8 pixels."""
         if img.mode != "RGB":
             img = img.convert("RGB")
         # a source many times the target size (a photo): box-shrink it first, to >= 2x the
@@ -514,7 +530,8 @@ class TrainTransform:
         img = random_hflip(img, rng, self.hflip_p)
         if self.randaugment is not None:
             img = self.randaugment(img, rng)
-        return to_tensor(resize(img, size))
+        img = resize(img, size)
+        return to_tensor(img) if normalize else to_uint8(img)
 
     def __repr__(self) -> str:
         return f"TrainTransform(padding={self.padding}, hflip_p={self.hflip_p}, randaugment={self.randaugment})"
@@ -523,8 +540,9 @@ class TrainTransform:
 class EvalTransform:
     """resize to (h, w) with BICUBIC (skipped when equal) -> to_tensor."""
 
-    def __call__(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-        return to_tensor(resize(img, size))
+    def __call__(self, img: Image.Image, size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
+        img = resize(img, size)
+        return to_tensor(img) if normalize else to_uint8(img)
 
     def __repr__(self) -> str:
         return "EvalTransform()"
