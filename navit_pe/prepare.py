@@ -136,16 +136,7 @@ def prepare(source: str | Path, out: str | Path = DEFAULT_OUT, dataset: str | No
     ddir.mkdir(parents=True, exist_ok=True)
     # From here on the old meta.json no longer describes the directory: drop it first.
     (ddir / "meta.json").unlink(missing_ok=True)
-    for stale in ddir.glob("*.tmp"):
-        stale.unlink()
-
-    splits = {}
-    for split in sorted(src.counts, key=lambda s: (s != "train", s != "test", s)):
-        splits[split] = _write_split(ddir, split, src, shard_size, progress)
-    keep = {s["file"] for info in splits.values() for s in info["shards"]}
-    for old in ddir.glob("*.tar"):
-        if old.name not in keep:
-            old.unlink()
+    splits = write_splits(ddir, list(src.counts), src, shard_size, progress)
 
     meta = {
         "version": META_VERSION,
@@ -393,6 +384,20 @@ class _ShardWriter:
                  "bytes": self.tmp.stat().st_size, "sha256": _sha256(self.tmp)}
         os.replace(self.tmp, self.path)
         return entry
+
+
+def write_splits(ddir: Path, names: list[str], src: Source, shard_size: int, progress: bool) -> dict[str, dict]:
+    """Write every split's shards (train, test, then the rest), drop leftovers of earlier runs
+    (temporary files, shards no split names any more); {split: its meta.json entry}."""
+    for stale in ddir.glob("*.tmp"):
+        stale.unlink()
+    splits = {split: _write_split(ddir, split, src, shard_size, progress)
+              for split in sorted(names, key=lambda s: (s != "train", s != "test", s))}
+    keep = {s["file"] for info in splits.values() for s in info["shards"]}
+    for old in ddir.glob("*.tar"):
+        if old.name not in keep:
+            old.unlink()
+    return splits
 
 
 def _write_split(ddir: Path, split: str, src: Source, shard_size: int, progress: bool) -> dict:

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .prepare import (DEFAULT_OUT, META_VERSION, DataError, Record, Source, _atomic_write, _find_up_to_date,
-                      _safe_key, _write_order, _write_split)
+                      _safe_key, _write_order, write_splits)
 
 EXTS = ("jpg", "jpeg", "png", "webp")  # what navit_pe.data decodes
 REQUIRED_SPLITS = ("train", "test")
@@ -97,17 +97,10 @@ def prepare_images(source: str | Path, name: str, out: str | Path = DEFAULT_OUT,
     ddir = out / name
     ddir.mkdir(parents=True, exist_ok=True)
     (ddir / "meta.json").unlink(missing_ok=True)  # from here on it no longer describes the directory
-    for stale in ddir.glob("*.tmp"):
-        stale.unlink()
-    splits = {}
-    for split in sorted(images, key=lambda s: (s != "train", s != "test", s)):
-        splits[split] = _write_split(ddir, split, src, shard_size, progress)
-        splits[split].update(_size_info(images[split]))
-        splits[split]["skipped"] = sum(1 for rel, _ in skipped if rel.split("/")[0] == split)
-    keep = {s["file"] for info in splits.values() for s in info["shards"]}
-    for old in ddir.glob("*.tar"):
-        if old.name not in keep:
-            old.unlink()
+    splits = write_splits(ddir, list(images), src, shard_size, progress)
+    for split, info in splits.items():
+        info.update(_size_info(images[split]))
+        info["skipped"] = sum(1 for rel, _ in skipped if rel.split("/")[0] == split)
     meta = {
         "version": META_VERSION,
         "dataset": name,
