@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inproc import REPO, run_train_py, tiny_args
+from inproc import REPO, metrics, run_train_py, tiny_args
 from navit_pe.model import NaViT
 
 # 2 epochs of 3 steps; a checkpoint every 2nd step and at each epoch end: 2, 3, 4, 6
@@ -32,7 +32,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def straight(tiny_shards, tmp_path_factory):
-    """The uninterrupted run: (its final weights, its weights before the first optimizer step)."""
+    """The uninterrupted run: (its final weights, its weights before the first optimizer step,
+    its epoch-end rows of metrics.jsonl)."""
     run = tmp_path_factory.mktemp("straight") / "run"
     initial: dict[str, torch.Tensor] = {}
     forward = NaViT.forward
@@ -51,7 +52,15 @@ def straight(tiny_shards, tmp_path_factory):
     assert initial.keys() == final.keys()
     # the run really trained: its weights moved away from its own initial weights
     assert max_diff(final, initial) > 1e-3
-    return final, initial
+    return final, initial, epoch_rows(run)
+
+
+EPOCH_KEYS = ("epoch", "step", "test_correct", "test_images", "epoch_images", "epoch_unique_images")
+
+
+def epoch_rows(run) -> list[dict]:
+    """What each epoch end reported (every epoch once, even across a stop and a resume)."""
+    return [{k: r[k] for k in EPOCH_KEYS} for r in metrics(run) if "test_acc" in r]
 
 
 @pytest.mark.parametrize("stop, where", [(4, "inside epoch 2"), (3, "at the end of epoch 1")])
@@ -61,8 +70,11 @@ def test_resume_equals_uninterrupted(tiny_shards, tmp_path, straight, stop, wher
     assert not (run / "model.safetensors").exists() and not (run / "results.json").exists()
     assert (run / "checkpoints" / f"step_{stop:08d}").is_dir()
     assert run_train_py(tiny_args(tiny_shards, run, *RUN, "--resume", "latest")) == 0
-    final, initial = straight
+    final, initial, rows = straight
     assert max_diff(weights(run), final) <= 1e-6, where
+    # each epoch evaluated once, with the same model and the same count of training images
+    assert epoch_rows(run) == rows, where
+    assert [r["epoch_images"] for r in rows] == [48, 48]  # 3 steps of 16 images an epoch
 
 
 def test_sigkill_after_periodic_checkpoint_then_resume(tiny_shards, tmp_path, straight):
@@ -91,5 +103,6 @@ def test_sigkill_after_periodic_checkpoint_then_resume(tiny_shards, tmp_path, st
     for ck in ckdir.glob("step_*"):  # every checkpoint that looks complete is complete
         assert (ck / "model.safetensors").is_file() and (ck / "custom_checkpoint_0.pkl").is_file()
     assert run_train_py(tiny_args(tiny_shards, run, *RUN, "--resume", "latest")) == 0
-    final, initial = straight
+    final, initial, rows = straight
     assert max_diff(weights(run), final) <= 1e-6
+    assert epoch_rows(run) == rows
