@@ -71,16 +71,22 @@ def test_resume_checks_settings_and_keeps_finished_results(tiny_shards, tmp_path
 
 
 def test_two_processes(tiny_shards, tmp_path):
+    """Two processes, an epoch = every training image once (no --steps-per-epoch): 60 images in
+    round(60 / 16) = 4 steps; over both ranks every epoch trains on each of the 60 images once
+    (the trainer gathers the dataset indices of every rank's batches) and evaluates each test
+    image once."""
     run = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
-    proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "rope",
+    proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--pos-embed", "rope",
                         "--num-workers", "0", launcher=launcher, timeout=300))
     out = proc.stdout + proc.stderr
-    assert "2 process(es)" in out
-    assert "rank 0: 6 steps" in out and "rank 1: 6 steps" in out  # no rank stopped early
+    assert "2 process(es)" in out and "60 training images in 4 steps/epoch" in out
+    assert "rank 0: 8 steps" in out and "rank 1: 8 steps" in out  # no rank stopped early
     evals = [r for r in metrics(run) if "test_acc" in r]
     assert [r["test_images"] for r in evals] == [30, 30]  # the test set once, over both ranks
-    assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 6  # both ranks: 3 steps an epoch
+    # by identity: 60 images trained on an epoch, 60 different ones (not one rank's half twice)
+    assert [(r["epoch_images"], r["epoch_unique_images"]) for r in evals] == [(60, 60), (60, 60)]
+    assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 8  # both ranks: 4 steps an epoch
     assert (run / "model.safetensors").is_file()
 
 
