@@ -31,6 +31,11 @@ def damaged_copy(tiny_shards, tmp_path, how: str):
     if how == "truncated":  # cut inside the data of the member in the middle
         assert middle.size > 100
         del data[middle.offset_data + middle.size // 2:]
+    elif how == "truncated_padding":  # cut after the data of a member, inside its padding to 512 bytes
+        assert middle.size % 512 not in (0, 511)
+        del data[middle.offset_data + middle.size + 1:]
+    elif how == "garbage_head":  # garbage over the shard's first header (the tar cannot even be opened)
+        data[:512] = np.random.default_rng(1).integers(0, 256, 512, dtype=np.uint8).tobytes()
     else:  # 3 KiB of garbage over the middle of the file, headers included (the size is unchanged)
         rng = np.random.default_rng(0)
         mid = len(data) // 2
@@ -44,7 +49,7 @@ def intact(tiny_shards):
     return ImageStore.load(tiny_shards, "train")
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage"])
+@pytest.mark.parametrize("how", ["truncated", "truncated_padding", "garbage", "garbage_head"])
 def test_store_skips_and_counts_the_damage(tiny_shards, tmp_path, intact, how):
     ddir, name = damaged_copy(tiny_shards, tmp_path, how)
     store = ImageStore.load(ddir, "train")
