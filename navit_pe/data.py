@@ -173,11 +173,20 @@ class ImageStore:
         samples = wds.DataPipeline(partial(_my_shards, state),
                                    wds.tarfile_to_samples(handler=partial(_skip_error, state)))
         pixels, labels, sizes, keys = [], [], [], []
-        count = load_meta(root).get("splits", {}).get(split, {}).get("count")
+        info = load_meta(root).get("splits", {}).get(split, {})
+        count = info.get("count")
+        # samples each shard holds (meta.json): a damaged tar header ends Python's tar reader
+        # without an error, so the samples read are counted against them
+        expected = {url: s.get("count") for url, s in zip(state.urls, info.get("shards", []))}
+        read: dict[str, int] = {}
+        bad = 0  # samples read but not decodable
         for sample in tqdm(samples, total=count, desc=f"loading {split} into RAM", disable=not progress,
                            leave=False, dynamic_ncols=True):
+            url = str(sample.get("__url__"))
+            read[url] = read.get(url, 0) + 1
             decoded = _decode_one(state, sample)
             if decoded is None:
+                bad += 1
                 continue
             image, label = decoded
             w, h = image.size
@@ -189,9 +198,15 @@ class ImageStore:
             labels.append(label)
             sizes.append((h, w))
             keys.append(str(sample.get("__key__")))
+        skipped = state.skipped
+        if expected and all(isinstance(n, int) for n in expected.values()):
+            missing = {url: n - read.get(url, 0) for url, n in expected.items() if n > read.get(url, 0)}
+            for url, n in missing.items():
+                log.warning("%s: %d of its %d samples could not be read (damaged tar data)", url, n, expected[url])
+            skipped = bad + sum(missing.values())  # exactly the samples left out
         if not labels:
             raise DataError(f"no readable {split} images in {root}")
-        return cls(pixels, labels, sizes, keys, state.skipped)
+        return cls(pixels, labels, sizes, keys, skipped)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -450,7 +450,11 @@ def train(cfg: TrainConfig) -> dict:
                 group["lr"] = lr
             logits = model(batch)
             loss = F.cross_entropy(logits.float(), batch.labels)
-            check_finite(loss, progress.global_step + 1, accelerator, run)
+            try:
+                check_finite(loss, progress.global_step + 1, accelerator, run)
+            except TrainingError:
+                bar.close()  # the error goes on a line of its own, not after the bar
+                raise
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

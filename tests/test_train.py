@@ -1,16 +1,14 @@
-"""train.py end to end on tiny shards: smoke run, resume == uninterrupted, SIGKILL, 2 processes."""
+"""train.py end to end on tiny shards: smoke run, resume settings, 2 processes (resume == uninterrupted
+and SIGKILL: tests/test_resume.py)."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from navit_pe import NaViT
 from navit_pe.evaluate import evaluate
@@ -57,21 +55,7 @@ def test_smoke_one_epoch(tiny_shards, tmp_path):
     assert total == 30 and results["test_correct"] == correct and results["test_acc"] == correct / 30
 
 
-def test_resume_equals_uninterrupted(tiny_shards, tmp_path):
-    args = ["--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "relative", "--token-drop", "0.2",
-            "--coord-shift", "1", "--coord-jitter", "1.3", "--coord-rescale", "1.5"]  # augmentation resumes too
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ok(run_train(tiny_shards, straight, *args))
-    proc = ok(run_train(tiny_shards, resumed, *args, "--stop-after", "3"))  # mid-epoch
-    assert not (resumed / "model.safetensors").exists()
-    assert "stopped after step 3" in proc.stdout + proc.stderr
-    ok(run_train(tiny_shards, resumed, *args, "--resume", "latest"))
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    # and the run really trained: weights moved away from a fresh init
-    fresh = NaViT(NaViT.from_pretrained(straight).config).state_dict()
-    assert max((a[k] - fresh[k]).abs().max().item() for k in a if "weight" in k) > 1e-4
+# resume == uninterrupted (inside an epoch, at an epoch boundary, after SIGKILL): tests/test_resume.py
 
 
 def test_resume_checks_settings_and_keeps_finished_results(tiny_shards, tmp_path):
@@ -86,43 +70,23 @@ def test_resume_checks_settings_and_keeps_finished_results(tiny_shards, tmp_path
     assert proc.returncode == 2 and "lr" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_sigkill_then_resume(tiny_shards, tmp_path):
-    run = tmp_path / "killed"
-    env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(tmp_path / "none")}
-    cmd = [sys.executable, "train.py", "--data-root", str(tiny_shards.parent), "--out", str(run), *TINY,
-           "--epochs", "3", "--steps-per-epoch", "30", "--checkpoint-every", "5", "--pos-embed", "learned_2d"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    ckdir = run / "checkpoints"
-    while time.time() < deadline and not (ckdir.is_dir() and any(ckdir.glob("step_*"))):
-        time.sleep(0.02)
-    time.sleep(0.3)  # let it get into the middle of the next stretch of steps
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"
-    done = sorted(ckdir.glob("step_*"))
-    assert done, "no complete checkpoint before the kill"
-    for ck in done:  # every checkpoint that looks complete is complete
-        assert (ck / "model.safetensors").is_file() and (ck / "custom_checkpoint_0.pkl").is_file()
-    last = int(done[-1].name.split("_")[1])
-    proc = ok(run_train(tiny_shards, run, "--epochs", "3", "--steps-per-epoch", "30", "--checkpoint-every", "5",
-                        "--pos-embed", "learned_2d", "--resume", "latest"))
-    assert f"step {last}" in proc.stdout + proc.stderr
-    assert (run / "model.safetensors").is_file()
-    assert json.loads((run / "results.json").read_text())["epoch"] == 3
-
-
 def test_two_processes(tiny_shards, tmp_path):
+    """Two processes, an epoch = every training image once (no --steps-per-epoch): 60 images in
+    round(60 / 16) = 4 steps; over both ranks every epoch trains on each of the 60 images once
+    (the trainer gathers the dataset indices of every rank's batches) and evaluates each test
+    image once."""
     run = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
-    proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--steps-per-epoch", "3", "--pos-embed", "rope",
+    proc = ok(run_train(tiny_shards, run, "--epochs", "2", "--pos-embed", "rope",
                         "--num-workers", "0", launcher=launcher, timeout=300))
     out = proc.stdout + proc.stderr
-    assert "2 process(es)" in out
-    assert "rank 0: 6 steps" in out and "rank 1: 6 steps" in out  # no rank stopped early
+    assert "2 process(es)" in out and "60 training images in 4 steps/epoch" in out
+    assert "rank 0: 8 steps" in out and "rank 1: 8 steps" in out  # no rank stopped early
     evals = [r for r in metrics(run) if "test_acc" in r]
     assert [r["test_images"] for r in evals] == [30, 30]  # the test set once, over both ranks
-    assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 6  # both ranks: 3 steps an epoch
+    # by identity: 60 images trained on an epoch, 60 different ones (not one rank's half twice)
+    assert [(r["epoch_images"], r["epoch_unique_images"]) for r in evals] == [(60, 60), (60, 60)]
+    assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 8  # both ranks: 4 steps an epoch
     assert (run / "model.safetensors").is_file()
 
 
