@@ -31,7 +31,7 @@ from PIL import Image
 from navit_pe.prepare import DEFAULT_OUT, DataError, default_source, prepare, shards_intact
 
 __all__ = ["DataError", "ImageStore", "Reader", "ensure_prepared", "load_meta", "make_dataset", "prepare_command",
-           "shard_urls", "split_sizes"]
+           "shard_urls"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -59,19 +59,6 @@ def prepare_command(dataset: str, root: str | Path = DEFAULT_OUT) -> str:
     if dataset in ("cifar10", "cifar100"):
         return f"python data/prepare_cifar.py --source PATH --dataset {dataset} --out {root}"
     return f"python data/prepare_images.py SOURCE --name {dataset} --out {root}"
-
-
-def split_sizes(meta: dict, split: str) -> list[tuple[int, int]] | None:
-    """Every image's source size (h, w) in `split`, from meta.json's size counts (None when the
-    dataset was prepared without them)."""
-    counts = meta.get("splits", {}).get(split, {}).get("sizes")
-    if not counts:
-        return None
-    out = []
-    for hw, n in counts.items():
-        h, w = (int(v) for v in hw.split("x"))
-        out += [(h, w)] * int(n)
-    return out
 
 
 def load_meta(root: str | Path) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -174,17 +174,6 @@ class ResolutionSampler:
                 best = max(best, (h // p) * (w // p))
         return best
 
-    def mean_tokens(self, cls_token: bool, src_sizes: Iterable[tuple[int, int]] | None = None,
-                    n: int = 20000) -> float:
-        """Expected tokens per image (a fixed-seed Monte Carlo over the sampler), CLS included.
-        `src_sizes` is accepted for TokenBudget's interface and unused: sizes here do not depend
-        on the source."""
-        rng, p, tot = random.Random(0), self.patch_size, 0
-        for _ in range(n):
-            h, w = self.sample(rng)
-            tot += (h // p) * (w // p)
-        return tot / n + int(cls_token)
-
     def __repr__(self) -> str:
         return (
             f"ResolutionSampler({self.res_lo}:{self.res_hi}, patch={self.patch_size}, "
@@ -241,16 +230,6 @@ class TokenBudget:
     def max_tokens(self) -> int:
         """The most patches one image can get: the budget N."""
         return self.budget
-
-    def mean_tokens(self, cls_token: bool, src_sizes: Iterable[tuple[int, int]] | None = None) -> float:
-        """Mean tokens per image over the source sizes `src_sizes` [(h, w), ...] (e.g. a split's
-        sizes from meta.json), CLS included; without sizes, N (every image filling the budget)."""
-        p, tot, n = self.patch_size, 0, 0
-        for hw in src_sizes or ():
-            h, w = self.sample(None, hw)
-            tot += (h // p) * (w // p)
-            n += 1
-        return (tot / n if n else self.budget) + int(cls_token)
 
     def __repr__(self) -> str:
         return f"TokenBudget({self.budget}, patch={self.patch_size})"

@@ -74,9 +74,7 @@ def test_token_budget_policy_interface():
     assert isinstance(policy, TokenBudget) and policy.max_tokens() == 16
     assert policy.sample(random.Random(0), (90, 20)) == (32, 8)  # 8 x 2 patches
     assert policy.sample(None, (40, 300)) == (8, 32) and policy.sample(None, (64, 64)) == (16, 16)
-    assert policy.mean_tokens(True, [(90, 20), (64, 64)]) == 17.0  # (16 + 16) / 2 + CLS
-    assert policy.mean_tokens(False, [(12, 20)]) == 15.0  # 3 x 5 patches: the next scale up needs 4 x 6
-    assert policy.mean_tokens(False) == 16  # no sizes known: every image fills the budget
+    assert policy.sample(None, (12, 20)) == (12, 20)  # 3 x 5 patches: the next scale up needs 4 x 6
     assert parse_resize(None, PATCH) is None and parse_resize("none", PATCH) is None
     for bad in ("budget:0", "budget:x", "64", "tokens:64"):
         with pytest.raises(ValueError, match="budget:N"):
