@@ -117,7 +117,7 @@ def test_auto_precision_follows_the_machine(colours, tmp_path):
     """--mixed-precision auto (the default): bf16 exactly where the CPU has native bf16."""
     from navit_pe.trainer import fast_bf16
 
-    rec = record(colours, tmp_path / "run")
+    rec = record(colours, tmp_path / "run", "--mixed-precision", "auto")  # (RUN says no; the last flag wins)
     want = torch.bfloat16 if fast_bf16() else torch.float32
     for f in rec.forwards:
         assert want in f["dtypes"], f
