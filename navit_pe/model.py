@@ -136,13 +136,15 @@ class Block(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None, pe: PosEncoding, ctx: PosContext,
                 segments: Segments | None = None) -> Tensor:
         # 1. norm and qkv projection; 2. attention; 3. projection, dropout, residual, MLP
-        a = self.attn(self.pre_fn(x), mask, pe, ctx, segments)
+        # (compiled parts in training only: evaluation runs the same eager code as a reloaded model)
+        pre, post = (self.pre_fn, self.post_fn) if self.training else (self.pre, self.post)
+        a = self.attn(pre(x), mask, pe, ctx, segments)
         drops = (None,) * 3
         if self.training and round(self.p * 256) > 0:  # one draw of random bytes for the block's 3 dropouts
-            (s, d), hid = x.shape[-2:], self.mlp.fc1.out_features
+            s, d, hid = x.shape[:-1].numel(), x.shape[-1], self.mlp.fc1.out_features
             drops = random_bytes(s * (2 * d + hid), x.device).split([s * d, s * hid, s * d])
             drops = tuple(m.view(*x.shape[:-1], -1) for m in drops)
-        return self.post_fn(x, a, *drops)
+        return post(x, a, *drops)
 
     def pre(self, x: Tensor) -> Tensor:
         return self.attn.qkv(self.norm1(x)).float()  # fp32 for attention (the cast fuses when compiled)

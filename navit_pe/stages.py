@@ -26,9 +26,10 @@ from .packing import PackedBatch, pack
 from .transforms import EvalTransform, ResolutionSampler, TokenBudget, TrainTransform, normalize_patches
 
 
-def image_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one image's draws in one epoch (an int: seeding from a string hashes it, 10x slower)."""
-    return (seed * 100_003 + epoch) * 1_000_000_007 + index
+def image_seed(seed: int, epoch: int, index: int, rep: int = 0) -> int:
+    """The seed of one image's draws in one epoch (its `rep`-th showing, when a fixed step count
+    repeats the data); an int: seeding from a string hashes it, 10x slower."""
+    return ((seed * 100_003 + epoch) * 1_000_003 + rep) * 1_000_000_007 + index
 
 
 def packed_uint8(images: list[torch.Tensor], idx: list[int], labels: list[int], patch_size: int, max_seq_len: int,
@@ -67,11 +68,21 @@ class EpochPlan:
             self.order += perm
         self.bounds = ([s * n_images // steps for s in range(steps + 1)] if per_step is None
                        else [s * per_step for s in range(steps + 1)])
-        self.steps = steps
+        self.steps, self.n_images = steps, n_images
 
     def images(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
         """Indices of the images that `rank` of `world` takes at `step`."""
         return self.order[self.bounds[step]:self.bounds[step + 1]][rank::world]
+
+    def showings(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
+        """For each of `images(step, rank, world)`: which pass over the data it belongs to (0, or more
+        where a fixed step count repeats the permutation)."""
+        n = self.n_images
+        return [pos // n for pos in range(self.bounds[step], self.bounds[step + 1])][rank::world]
+
+    def min_share(self, world: int) -> int:
+        """The fewest images any rank gets at any step."""
+        return min(self.bounds[s + 1] - self.bounds[s] for s in range(self.steps)) // world
 
     def count(self, first: int, last: int) -> int:
         """Images of all ranks in steps first..last-1."""
@@ -95,8 +106,8 @@ class TrainBatches(IterableDataset):
     def batch(self, step: int) -> PackedBatch:
         idx = self.plan.images(step, self.rank, self.world)
         images = []
-        for i in idx:
-            rng = random.Random(image_seed(self.seed, self.epoch, i))  # the image's own draws: size, crop, flip, ops
+        for i, rep in zip(idx, self.plan.showings(step, self.rank, self.world)):
+            rng = random.Random(image_seed(self.seed, self.epoch, i, rep))  # the image's own draws: size, crop, flip, ops
             size = self.sampler.sample(rng, self.store.sizes[i])  # a policy may use the source size
             images.append(self.transform(self.store.image(i), rng, size, normalize=False))
         return packed_uint8(images, idx, [self.store.labels[i] for i in idx], self.patch_size, self.max_seq_len,

@@ -141,7 +141,8 @@ class Run:
         the sampled ratio range (a little slack for the rounding of sampled sides); for runs
         trained with --resize budget:N, the column of that budget only."""
         if isinstance(res, Budget) or self.train.get("resize"):
-            return res_key(res) == self.train.get("resize")
+            budget = parse_resize(self.train.get("resize"), self.model.config.patch_size)
+            return isinstance(res, Budget) and budget is not None and res.tokens == budget.budget
         lo, hi = self.train_range
         h, w = res
         if self.aspect is None:
@@ -165,7 +166,8 @@ class Run:
                     aspect=self.train.get("aspect"),
                     dataset=self.train["dataset"], mixed_precision=self.train.get("mixed_precision", "no"),
                     eval_res=self.train.get("eval_res"), patch_size=cfg.patch_size,
-                    model_config=cfg.to_dict(), train_config=self.train, train_result=train_result)
+                    model_config={**cfg.to_dict(), "pos_mode": self.pos_mode}, train_config=self.train,
+                    train_result=train_result)
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -383,8 +383,17 @@ def train(cfg: TrainConfig) -> dict:
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
         0 if accelerator.device.type == "cpu" and (os.cpu_count() or 1) <= 4 else 2)
 
+    plans: dict[int, EpochPlan] = {}
+
     def plan(epoch: int) -> EpochPlan:
-        return EpochPlan(len(train_set), spe, cfg.seed, epoch, per_step)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = EpochPlan(len(train_set), spe, cfg.seed, epoch, per_step)
+        return plans[epoch]
+
+    if plan(0).min_share(world) < 1:
+        raise UsageError(f"a step of {len(train_set)} images in {spe} steps leaves a process with none; "
+                         f"use fewer processes or a larger --batch-images")
 
     def train_loader(epoch: int, start: int) -> DataLoader:
         batches = TrainBatches(train_set, plan(epoch), sampler, transform, cfg.patch_size, cfg.max_seq_len, cls,
@@ -460,6 +469,8 @@ def train(cfg: TrainConfig) -> dict:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:  # every process's trained extent: DDP would keep only rank 0's buffer
+                torch.distributed.all_reduce(unwrapped.pos.trained_extent, op=torch.distributed.ReduceOp.MAX)
             progress.step_in_epoch += 1
             progress.global_step += 1
 

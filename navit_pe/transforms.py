@@ -444,7 +444,7 @@ class RandAugment:
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
-    """PIL image -> uint8 [3, H, W] (a view of the pixels: the batch is normalised at once)."""
+    """PIL image -> uint8 [3, H, W] (a copy of the pixels; the batch is normalised at once)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)

@@ -218,3 +218,34 @@ def test_relative_bias_per_image_in_varlen(attention, monkeypatch):
         assert sum(s[0] for s in shapes) == len(ims) * m.config.depth  # every image once per layer
     else:
         assert {s[0] for s in shapes} == {batch.patches.shape[0]} and {s[2] for s in shapes} == {64}
+
+
+@pytest.mark.parametrize("attention", ["auto", "dense"])
+def test_training_forward_with_dropout_in_both_layouts(attention):
+    """Dropout draws one random byte per element of whatever layout the blocks run on: the slot
+    layout [1, S, dim] or the dense packed one [B, L, dim]."""
+    torch.manual_seed(0)
+    m = NaViT("sincos", dim=32, depth=2, heads=2, dropout=0.3, attention=attention, max_seq_len=80).train()
+    imgs = [torch.randn(3, 16, 16) for _ in range(5)]
+    out = m(imgs)
+    out.sum().backward()
+    assert out.shape == (5, 10) and torch.isfinite(out).all()
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(imgs), m(imgs))  # no dropout in eval
+
+
+def test_compiled_parts_only_in_training():
+    """compile_blocks' functions serve training only; evaluation runs the eager pre/post, the same
+    code as a model reloaded from its files."""
+    m = NaViT("rope", dim=32, depth=1, heads=2)
+    imgs = [torch.randn(3, 16, 16) for _ in range(2)]
+
+    def refuse(*args):
+        raise AssertionError("a compiled part ran")
+
+    m.blocks[0].pre_fn = m.blocks[0].post_fn = refuse
+    with torch.no_grad():
+        m.eval()(imgs)  # fine: eager
+        with pytest.raises(AssertionError, match="compiled part"):
+            m.train()(imgs)

@@ -48,6 +48,18 @@ def test_plan_with_fixed_steps_takes_batch_images_each():
     assert all(len(s) == 16 for s in steps)
     flat = [i for s in steps for i in s]
     assert sorted(flat[:60]) == list(range(60)) and sorted(flat[60:120]) == list(range(60))
+    # an image's second showing gets draws of its own (its seed knows the pass over the data)
+    reps = [r for s in range(10) for r in plan.showings(s)]
+    assert reps == [0] * 60 + [1] * 60 + [2] * 40
+    store = fake_store(60)
+    batches = TrainBatches(store, plan, ResolutionSampler(16, 48, 4), TrainTransform(randaugment=False), 4, 256,
+                           True, seed=0, epoch=0)
+    sizes = {}
+    for s in range(10):
+        b = batches.batch(s)
+        for i, g in zip(b.sample_ids.tolist(), b.image_grids().tolist()):
+            sizes.setdefault(i, []).append(tuple(g))
+    assert sum(len(set(v)) > 1 for v in sizes.values()) > 30  # most images drew other sizes the 2nd time
 
 
 def pixels_of(batch) -> list[int]:
