@@ -59,6 +59,23 @@ def one_run(code: Path, data_root: Path, args: list[str], steps: int, warmup: in
             "first_rows_images_per_s": first, "wall_s": wall, "steady_rows": len(steady)}
 
 
+def data_ms_per_step(data_root: Path, train_res: str, steps: int = 10) -> float:
+    """This checkout's data path alone (ImageStore -> plan -> augment -> pack), ms per default step."""
+    from navit_pe.data import ImageStore
+    from navit_pe.stages import EpochPlan, TrainBatches
+    from navit_pe.transforms import ResolutionSampler, TrainTransform, parse_res
+
+    store = ImageStore.load(data_root / "cifar10", "train")
+    plan = EpochPlan(len(store), round(len(store) / 128), seed=0, epoch=0)
+    lo, hi = parse_res(train_res, 4)
+    batches = TrainBatches(store, plan, ResolutionSampler(lo, hi, 4), TrainTransform(), 4, 256, True, 0, 0)
+    batches.batch(0)
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        batches.batch(step)
+    return (time.perf_counter() - t) / steps * 1000
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", default="267bfa3", help="the commit to compare against")
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"wall {res['wall_s']:.0f} s)", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO)
+    data_ms = {c: data_ms_per_step(data_root, "32" if CONFIGS[c] else "16:48") for c in configs}
     summary = {}
     for c in configs:
         o = [x["images_per_s"] for x in results[c]["old"]]
@@ -102,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [b / a for a, b in zip(o, n)]  # each round's pair, run one after the other
         summary[c] = {"old_images_per_s": statistics.fmean(o), "new_images_per_s": statistics.fmean(n),
                       "ratio": statistics.fmean(ratios), "ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
-                      "ratios": ratios}
+                      "ratios": ratios, "new_data_ms_per_step": data_ms[c],
+                      "new_data_share": data_ms[c] / 1000 * statistics.fmean(n) / 128}
     info = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "old": args.old, "new": commit + ("+dirty" if dirty else ""),
             "command": " ".join(["python", "bench/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -111,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.old} vs {info['new']}, {args.rounds} rounds of {args.steps} steps (first {args.warmup} left out)")
     for c, s in summary.items():
         print(f"{c}: old {s['old_images_per_s']:.1f} images/s, new {s['new_images_per_s']:.1f} images/s, "
-              f"ratio {s['ratio']:.2f} ± {s['ratio_std']:.2f}x")
+              f"ratio {s['ratio']:.2f} ± {s['ratio_std']:.2f}x; new data path alone {s['new_data_ms_per_step']:.0f} "
+              f"ms a step = {100 * s['new_data_share']:.0f} % of a new step")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "summary": summary, "runs": results}, indent=2) + "\n")
