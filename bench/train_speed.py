@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,18 +23,10 @@ from pathlib import Path
 
 import torch
 
+from navit_pe.cpu import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"default mix (16:48)": [], "fixed 32x32": ["--train-res", "32"]}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def one_run(code: Path, data_root: Path, args: list[str], steps: int, warmup: int, log_every: int) -> dict:
@@ -122,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                       "ratio": statistics.fmean(ratios), "ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                       "ratios": ratios, "new_data_ms_per_step": data_ms[c],
                       "new_data_share": data_ms[c] / 1000 * statistics.fmean(n) / 128}
-    info = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "torch": torch.__version__,
+    info = {"machine": cpu_name(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "old": args.old, "new": commit + ("+dirty" if dirty else ""),
             "command": " ".join(["python", "bench/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds}

@@ -33,3 +33,20 @@ def keep_freed_memory() -> bool:
     # blocks up to 32 MiB (glibc's ceiling) come from the heap; the heap is never trimmed
     _done = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _done
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores' (for records of runs)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"

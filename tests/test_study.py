@@ -1,0 +1,162 @@
+"""The study driver (navit_pe/study.py): the summary from records alone (fake records, numbers
+checkable by hand), and a tiny protocol end to end: train, sweep, record, skip what is recorded,
+resume what was interrupted."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from navit_pe import study
+from navit_pe.study import Protocol, Regime, RunSpec
+
+RES = ["8x8", "32x32", "64x64", "96x96", "16x64"]
+
+
+def fake_record(enc: str, regime: str, seed: int, accs: dict[str, dict[str, float]], test_acc: float = 0.5,
+                epoch_train_s: float = 100.0) -> dict:
+    """A record as run_one writes it, with the sweep accuracies given per mode."""
+    spec = RunSpec(enc, regime, seed)
+    return dict(protocol="fake", name=spec.name, spec=dict(encoding=enc, regime=regime, seed=seed),
+                regime=dict(label={"mix": "16:48", "ref32_10ep": "32 ref 10ep"}[regime], args=["--x"], about="a"),
+                commit="c0ffee", recorded_commit="c0ffee", machine="test CPU, 2 cores", python="3",
+                recorded_at="2026-01-01T00:00:00+00:00", train_command=f"python train.py --pos-embed {enc} --out x",
+                sweep_command="python eval_resolutions.py x", train_config={}, result=dict(test_acc=test_acc),
+                epochs=[dict(epoch=1, test_acc=test_acc, epoch_s=epoch_train_s + 5, epoch_train_s=epoch_train_s)],
+                train_s=epoch_train_s + 5, sweep_s=30.0,
+                sweep=dict(resolutions=RES, max_images=0,
+                           modes={m: {k: dict(acc=a, correct=int(a * 1000), total=1000) for k, a in cells.items()}
+                                  for m, cells in accs.items()}))
+
+
+def test_summary_from_fake_records(tmp_path):
+    root = tmp_path / "cpu-short"
+    # rope at 16:48, three seeds: at 64x64 extrapolate 0.5, 0.6, 0.7 -> 60.0 ± 10.0 (sample std)
+    for seed, a in enumerate((0.5, 0.6, 0.7)):
+        accs = {"extrapolate": {k: a for k in RES}, "interpolate": {k: a - 0.1 for k in RES}}
+        study.write_json(root / "runs" / f"{RunSpec('rope', 'mix', seed).name}.json",
+                         fake_record("rope", "mix", seed, accs))
+    # one seed of learned_1d with the reference recipe, and its peer figure
+    study.write_json(root / "runs" / "ref.json", fake_record(
+        "learned_1d", "ref32_10ep", 0, {"both": {k: 0.63 for k in RES}}, test_acc=0.63, epoch_train_s=80.0))
+    paths = study.build_summary(root)
+    summary = json.loads((root / "summary.json").read_text())
+    rows = {(r["encoding"], r["regime"], r["mode"]): r for r in summary["rows"]}
+    assert set(rows) == {("rope", "mix", "extrapolate"), ("rope", "mix", "interpolate"),
+                         ("learned_1d", "ref32_10ep", "both")}
+    cell = rows["rope", "mix", "extrapolate"]["cells"]["64x64"]
+    assert cell["mean"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1) and cell["n"] == 3
+    assert rows["rope", "mix", "interpolate"]["cells"]["8x8"]["mean"] == pytest.approx(0.5)
+    assert rows["learned_1d", "ref32_10ep", "both"]["cells"]["32x32"] == dict(mean=0.63, std=0.0, n=1, values=[0.63])
+    assert rows["rope", "mix", "extrapolate"]["seeds"] == [0, 1, 2]
+    # the peer comparison: 63.00 against the reference code's 59.55 at 80 s an epoch
+    (peer,) = summary["peers"]
+    assert peer["margin"] == pytest.approx(0.63 - 0.5955) and peer["mean_epoch_train_s"] == 80.0
+    assert summary["train_s"] == pytest.approx(4 * 105 - 20) and summary["sweep_s"] == pytest.approx(120)
+    md = (root / "summary.md").read_text()
+    assert "| rope | 16:48 | extrapolate | 0,1,2 | 60.0 ± 10.0 |" in md
+    assert "| learned_1d | 0 | 63.00 | 59.55 | +3.45 | 80 |" in md
+    with open(root / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[0]["64x64 mean"]) == pytest.approx(rows[table[0]["encoding"], table[0]["regime"],
+                                                                 table[0]["mode"]]["cells"]["64x64"]["mean"])
+    for p in paths:
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                assert im.size[0] > 100
+
+
+def test_summary_needs_records(tmp_path):
+    with pytest.raises(study.UsageError, match="no records"):
+        study.build_summary(tmp_path)
+
+
+def tiny_protocol(data_root: Path) -> Protocol:
+    tiny = ("--data-root", str(data_root), "--epochs", "1", "--steps-per-epoch", "2", "--dim", "32", "--depth", "1",
+            "--heads", "2", "--batch-images", "16", "--train-res", "16:32", "--randaug-ops", "0")
+    return Protocol("tiny", "a tiny protocol for tests", {"mix": Regime("16:32", tiny, "tiny")},
+                    (RunSpec("rope", "mix", 0), RunSpec("learned_1d", "mix", 0)), sweep_res=(16, 32),
+                    sweep_aspect=("16x32",))
+
+
+def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
+    p = tiny_protocol(tiny_shards.parent)
+    monkeypatch.setitem(study.PROTOCOLS, "tiny", lambda: p)
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = ["--protocol", "tiny", "--results", str(results), "--work", str(work)]
+    # an interrupted run: one step of rope, with a checkpoint and no results
+    rope_dir = work / "tiny" / p.runs[0].name
+    import subprocess
+    import sys
+
+    cmd = study.train_command(p, p.runs[0], rope_dir, sys.executable, ["--stop-after", "1"])
+    assert subprocess.run(cmd, cwd=study.REPO, capture_output=True).returncode == 0
+    assert not (rope_dir / "results.json").exists()
+    capfd.readouterr()
+
+    assert study.main(args) == 0
+    out = capfd.readouterr().out
+    assert "0 of 2 runs recorded, 2 to do" in out
+    assert f"resumed from {rope_dir / 'checkpoints'}" in out  # went on from the interrupted step
+    for spec in p.runs:
+        rec = json.loads((results / "tiny" / "runs" / f"{spec.name}.json").read_text())
+        run_dir = work / "tiny" / spec.name
+        assert rec["result"] == json.loads((run_dir / "results.json").read_text())
+        assert rec["train_config"]["pos_embed"] == spec.encoding and rec["train_config"]["seed"] == 0
+        assert rec["sweep"]["resolutions"] == ["16x16", "32x32", "16x32"]
+        assert rec["commit"] and rec["sweep_s"] > 0 and len(rec["epochs"]) == 1
+        # the sweep at eval_res is train.py's own final accuracy
+        mode = next(iter(rec["sweep"]["modes"].values()))
+        assert mode["32x32"]["acc"] == pytest.approx(rec["result"]["test_acc"])
+    modes = json.loads((results / "tiny" / "runs" / f"{p.runs[0].name}.json").read_text())["sweep"]["modes"]
+    assert set(modes) == {"extrapolate", "interpolate"}
+    summary = json.loads((results / "tiny" / "summary.json").read_text())
+    assert summary["runs"] == 2 and {r["encoding"] for r in summary["rows"]} == {"rope", "learned_1d"}
+
+    # a second call finds everything recorded and trains nothing
+    before = {f: f.stat().st_mtime_ns for f in (results / "tiny" / "runs").glob("*.json")}
+    assert study.main(args) == 0
+    assert "2 of 2 runs recorded, 0 to do" in capfd.readouterr().out
+    assert before == {f: f.stat().st_mtime_ns for f in (results / "tiny" / "runs").glob("*.json")}
+    # --list says so too
+    assert study.main([*args, "--list"]) == 0
+    assert "2 of 2 recorded" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--protocol", "nope"], "unknown protocol 'nope'; choose one of cpu-short, reference"),
+    (["--only", "nothing*"], "matches no run of cpu-short"),
+    (["--max-runs", "-1"], "--max-runs must be 0"),
+])
+def test_bad_input_one_line(argv, message, capfd, tmp_path):
+    assert study.main([*argv, "--results", str(tmp_path)]) == 2
+    err = capfd.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_gpu_protocol_refused_without_gpu(capfd, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert study.main(["--protocol", "reference", "--results", str(tmp_path), "--work", str(tmp_path)]) == 2
+    assert "needs a GPU" in capfd.readouterr().err
+    assert not (tmp_path / "reference").exists()
+
+
+def test_cpu_short_protocol_covers_the_issue():
+    p = study.get_protocol("cpu-short")
+    names = [s.name for s in p.runs]
+    assert len(names) == len(set(names))
+    from navit_pe.posenc import POS_EMBEDS
+
+    for e in POS_EMBEDS:
+        assert {s.seed for s in p.runs if s.encoding == e and s.regime == "mix"} == {0, 1, 2}
+        assert {s.seed for s in p.runs if s.encoding == e and s.regime == "fixed32"} == {0}
+    assert {(s.encoding, s.seed) for s in p.runs if s.regime == "mix_rescale2"} == {
+        (e, s) for e in ("rope", "rope_mixed", "sincos") for s in (0, 1, 2)}
+    assert {s.encoding for s in p.runs if s.regime == "ref32_10ep"} == set(study.PEER_6EP)
+    assert "--coord-rescale" in p.regimes["mix_rescale2"].args and "0" == p.regimes["mix"].args[
+        p.regimes["mix"].args.index("--randaug-ops") + 1]
