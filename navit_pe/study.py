@@ -27,9 +27,11 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,26 +161,58 @@ def sweep_command(p: Protocol, run_dir: Path, python: str, extra: Sequence[str] 
             ",".join(p.sweep_aspect), "--pos-mode", ",".join(p.modes), "--out", str(run_dir / "sweep"), *extra]
 
 
-def _call(cmd: list[str], what: str) -> float:
-    """Run a step of the study in the repository root, its output straight to the terminal; its seconds."""
-    t0 = time.perf_counter()
-    rc = subprocess.call(cmd, cwd=REPO)
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _call(cmd: list[str], what: str, times: Path, key: str) -> None:
+    """Run a step of the study in the repository root, its output straight to the terminal. Its
+    wall-clock and CPU seconds are added to `times` (a JSON file in the run directory), so the
+    time of every attempt counts, interrupted ones included (as far as they got)."""
+    t0, c0 = time.perf_counter(), _children_cpu()
+    try:
+        rc = subprocess.call(cmd, cwd=REPO)
+    finally:
+        spent = json.loads(times.read_text()) if times.is_file() else {}
+        spent[f"{key}_wall_s"] = spent.get(f"{key}_wall_s", 0.0) + time.perf_counter() - t0
+        spent[f"{key}_cpu_s"] = spent.get(f"{key}_cpu_s", 0.0) + _children_cpu() - c0
+        write_json(times, spent)
     if rc != 0:
         raise StudyError(f"{what} exited with code {rc}: {' '.join(cmd)}")
-    return time.perf_counter() - t0
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def epoch_rows(run_dir: Path) -> list[dict]:
+    """One row per epoch from metrics.jsonl, the last one written for each (a run killed between an
+    epoch's log line and its checkpoint repeats that epoch when resumed)."""
+    last = {r["epoch"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if "test_acc" in r}
+    return [last[e] for e in sorted(last)]
+
+
+def check_complete(spec: RunSpec, run_dir: Path, epochs: int) -> None:
+    """Refuse to record a run without a final result or with epochs missing."""
+    result = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    got = [r["epoch"] for r in epoch_rows(run_dir)]
+    if "test_acc" not in result or got != list(range(1, epochs + 1)):
+        raise StudyError(f"{spec.name}: {run_dir} is not a finished run of {epochs} epochs (epochs logged: {got}, "
+                         f"result: {sorted(result) or 'none'}); delete it to train it again")
+
+
+def regime_epochs(regime: Regime) -> int:
+    a = list(regime.args)
+    return int(a[a.index("--epochs") + 1]) if "--epochs" in a else 200  # train.py's default
+
+
 def make_record(p: Protocol, spec: RunSpec, run_dir: Path, train_cmd: list[str], sweep_cmd: list[str],
-                sweep_s: float, commit: str) -> dict:
+                commit: str) -> dict:
     """The run's record from its run directory: everything the summary needs, no weights."""
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    epochs = [r for r in metrics if "test_acc" in r]
+    epochs = epoch_rows(run_dir)
     sweep = json.loads((run_dir / "sweep" / "accuracy.json").read_text())
-    train_s = sum(r.get("epoch_s", 0.0) for r in epochs)
+    times = json.loads((run_dir / "study_times.json").read_text())
     started = (run_dir / "study_commit").read_text().strip() if (run_dir / "study_commit").is_file() else commit
     return dict(
         protocol=p.name, name=spec.name, spec=asdict(spec), regime=asdict(p.regimes[spec.regime]),
@@ -187,7 +221,11 @@ def make_record(p: Protocol, spec: RunSpec, run_dir: Path, train_cmd: list[str],
         train_command=" ".join(train_cmd), sweep_command=" ".join(sweep_cmd),
         train_config=json.loads((run_dir / "train_config.json").read_text()),
         result=json.loads((run_dir / "results.json").read_text()), epochs=epochs,
-        train_s=train_s, sweep_s=sweep_s,
+        # wall-clock seconds of train.py and eval_resolutions.py over all attempts, and the CPU
+        # seconds they used (user + system, all threads); epoch_s sums the epochs' own times
+        train_s=times.get("train_wall_s", 0.0), sweep_s=times.get("sweep_wall_s", 0.0),
+        train_cpu_s=times.get("train_cpu_s", 0.0), sweep_cpu_s=times.get("sweep_cpu_s", 0.0),
+        epoch_s=sum(r.get("epoch_s", 0.0) for r in epochs),
         sweep=dict(resolutions=sweep["resolutions"], max_images=sweep["max_images"],
                    modes={r["pos_mode"]: {k: dict(acc=c["acc"], correct=c["correct"], total=c["total"])
                                           for k, c in r["results"].items()} for r in sweep["runs"]}))
@@ -207,18 +245,19 @@ def record_path(root: Path, spec: RunSpec) -> Path:
 def run_one(p: Protocol, spec: RunSpec, root: Path, work: Path, python: str = sys.executable,
             train_extra: Sequence[str] = (), sweep_extra: Sequence[str] = ()) -> dict:
     """Train (or resume), sweep and record one run; returns the record."""
-    run_dir = work / spec.name
+    run_dir = (work / spec.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit_id()
     if not (run_dir / "study_commit").is_file():  # the code the run started with
         (run_dir / "study_commit").write_text(commit + "\n")
+    times = run_dir / "study_times.json"
     tcmd = train_command(p, spec, run_dir, python, train_extra)
-    _call(tcmd, f"{spec.name}: train.py")
-    if not (run_dir / "results.json").is_file():
-        raise StudyError(f"{spec.name}: train.py ended without {run_dir / 'results.json'}")
+    _call(tcmd, f"{spec.name}: train.py", times, "train")
+    check_complete(spec, run_dir, regime_epochs(p.regimes[spec.regime]))
     scmd = sweep_command(p, run_dir, python, sweep_extra)
-    sweep_s = _call(scmd, f"{spec.name}: eval_resolutions.py")
-    record = make_record(p, spec, run_dir, tcmd, scmd, sweep_s, commit)
+    shutil.rmtree(run_dir / "sweep", ignore_errors=True)
+    _call(scmd, f"{spec.name}: eval_resolutions.py", times, "sweep")
+    record = make_record(p, spec, run_dir, tcmd, scmd, commit)
     write_json(record_path(root, spec), record)
     return record
 
@@ -226,6 +265,10 @@ def run_one(p: Protocol, spec: RunSpec, root: Path, work: Path, python: str = sy
 # ----------------------------------------------------------------------------- summary
 def load_records(root: Path) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted((root / "runs").glob("*.json"))]
+
+
+def mark_stale(records: list[dict], protocol: Protocol | None) -> list[dict]:
+    return [dict(r, stale=protocol is not None and is_stale(r, protocol)) for r in records]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -272,7 +315,9 @@ def summarize(records: Sequence[dict]) -> dict:
         commits=sorted({r["commit"] for r in records} | {r["recorded_commit"] for r in records}),
         machines=sorted({r["machine"] for r in records}),
         train_s=sum(r["train_s"] for r in records), sweep_s=sum(r["sweep_s"] for r in records),
-        commands=sorted({r["train_command"].split(" --out ")[0] for r in records}))
+        cpu_s=sum(r.get("train_cpu_s", 0.0) + r.get("sweep_cpu_s", 0.0) for r in records),
+        stale=sorted(r["name"] for r in records if r.get("stale")),
+        commands=sorted({" ".join(r["regime"]["args"]) for r in records}))
 
 
 def _pct(c: dict | None) -> str:
@@ -306,10 +351,21 @@ def markdown(summary: dict, protocol: Protocol | None = None) -> str:
                          f"{100 * p['margin']:+.2f} | {ep} |")
     lines += ["", "Regimes:"] + [f"- `{k}` ({v['label']}): {v['about']}; train.py {' '.join(v['args'])}"
                                  for k, v in summary["regimes"].items()]
-    lines += ["", f"CPU time: {hours:.1f} h in all ({summary['train_s'] / 3600:.1f} h training, "
-              f"{summary['sweep_s'] / 3600:.1f} h sweeping) for {summary['runs']} runs.",
+    lines += ["", f"Time: {hours:.1f} h of wall-clock in all ({summary['train_s'] / 3600:.1f} h training, "
+              f"{summary['sweep_s'] / 3600:.1f} h sweeping; {summary['cpu_s'] / 3600:.1f} CPU-hours, all threads) "
+              f"for {summary['runs']} runs.",
               f"Machine: {'; '.join(summary['machines'])}. Commits: {', '.join(c[:12] for c in summary['commits'])}.",
-              "Each run's record (results/<protocol>/runs/*.json) holds its exact train and sweep commands.", ""]
+              "", "Commands: `python -m navit_pe.study --protocol "
+              f"{protocol.name if protocol else '<protocol>'}` ran, for every run, "
+              "`python train.py <regime flags> --pos-embed <encoding> --seed <seed> --out <run dir> --resume latest` "
+              "and then `python eval_resolutions.py <run dir> --res "
+              f"{','.join(k.split('x')[0] for k in res if k.split('x')[0] == k.split('x')[1])} --aspect "
+              f"{','.join(k for k in res if k.split('x')[0] != k.split('x')[1])} --pos-mode extrapolate,interpolate`; "
+              "each record (runs/*.json) holds its exact commands. "
+              "'both' rows: encodings whose two test-time modes are the same, evaluated once."]
+    if summary["stale"]:
+        lines += ["", f"Stale records (trained with regime flags the protocol no longer has): {', '.join(summary['stale'])}."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -337,7 +393,12 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
     res = summary["resolutions"]
     squares = [k for k in res if k.split("x")[0] == k.split("x")[1]]
     sides = [int(k.split("x")[0]) for k in squares]
-    panels = list(dict.fromkeys((r["regime"], r["mode"]) for r in summary["rows"]))
+    modes = [m for m in ("extrapolate", "interpolate") if any(r["mode"] == m for r in summary["rows"])] or ["both"]
+    panels = [(reg, m) for reg in dict.fromkeys(r["regime"] for r in summary["rows"]) for m in modes]
+
+    def in_panel(row: dict, reg: str, mode: str) -> bool:  # 'both' rows stand for either mode
+        return row["regime"] == reg and row["mode"] in (mode, "both")
+
     encs = list(dict.fromkeys(r["encoding"] for r in summary["rows"]))
     colors = plt.get_cmap("tab20").colors
     color = {e: colors[i % len(colors)] for i, e in enumerate(encs)}
@@ -345,7 +406,7 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
     nrow = math.ceil(len(panels) / ncol) or 1
     fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow + 0.8), squeeze=False, sharey=True)
     for ax, (reg, mode) in zip(axes.flat, panels):
-        for row in (r for r in summary["rows"] if (r["regime"], r["mode"]) == (reg, mode)):
+        for row in (r for r in summary["rows"] if in_panel(r, reg, mode)):
             pts = [(s, row["cells"][k]) for s, k in zip(sides, squares) if k in row["cells"]]
             if not pts:
                 continue
@@ -364,14 +425,16 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=max(1, min(len(handles), 6)),
+               frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(handles) / 6), 1, 1))
     paths = [out / "accuracy_vs_resolution.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), squeeze=False)
-    markers = dict(zip(summary["regimes"], "osD^v"))
+    shapes = "osD^vP*X"
+    markers = {r: shapes[i % len(shapes)] for i, r in enumerate(summary["regimes"])}
     for ax, k in zip(axes[0], ("64x64", "96x96")):
         for row in summary["rows"]:
             if "32x32" in row["cells"] and k in row["cells"]:
@@ -399,7 +462,7 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
 
 def build_summary(root: Path, protocol: Protocol | None = None) -> list[Path]:
     """summary.md, summary.csv, summary.json and the two plots in `root`, from root/runs/*.json alone."""
-    records = load_records(root)
+    records = mark_stale(load_records(root), protocol)
     if not records:
         raise UsageError(f"no records in {root / 'runs'}; run the protocol first")
     summary = summarize(records)
@@ -411,13 +474,48 @@ def build_summary(root: Path, protocol: Protocol | None = None) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- driver
-def git_commit_files(paths: Sequence[Path], message: str) -> None:
-    """Commit exactly these files (nothing else that is staged); a failure is reported, not fatal."""
-    rel = [str(Path(p).resolve().relative_to(REPO)) for p in paths]
-    subprocess.run(["git", "add", "--", *rel], cwd=REPO, check=False)
-    proc = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"study: git commit failed: {proc.stderr.strip() or proc.stdout.strip()}", file=sys.stderr)
+def git_repo_of(path: Path) -> Path | None:
+    """The top of the git work tree holding `path`, or None."""
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True)
+    return Path(proc.stdout.strip()) if proc.returncode == 0 else None
+
+
+def git_commit_dir(folder: Path, message: str) -> bool:
+    """Commit everything new or changed under `folder` (and nothing else that is staged), retrying
+    while another git command holds the lock; True when there is nothing left to commit there.
+    A record written just before a kill is picked up by the next call (the study makes one at start)."""
+    repo = git_repo_of(folder)
+    if repo is None:
+        return False
+    rel = str(folder.resolve().relative_to(repo.resolve()))
+    proc = None
+    for _ in range(5):
+        add = subprocess.run(["git", "add", "-A", "--", rel], cwd=repo, capture_output=True, text=True)
+        if add.returncode == 0:
+            staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", rel], cwd=repo)
+            if staged.returncode == 0:
+                return True  # nothing new
+            proc = subprocess.run(["git", "commit", "-q", "-m", message, "--", rel], cwd=repo, capture_output=True,
+                                  text=True)
+            if proc.returncode == 0:
+                return True
+        time.sleep(3)
+    err = (proc.stderr if proc is not None else add.stderr).strip()
+    print(f"study: could not commit {rel}: {err}", file=sys.stderr)
+    return False
+
+
+def code_changes(repo: Path = REPO) -> list[str]:
+    """Tracked files with uncommitted changes, outside results/ (a run must name the code it ran)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                         text=True).stdout
+    return [line[3:] for line in out.splitlines() if line[3:] and not line[3:].startswith("results/")]
+
+
+def is_stale(rec: dict, p: Protocol) -> bool:
+    """A record made with regime flags that the protocol no longer has."""
+    reg = p.regimes.get(rec["spec"]["regime"])
+    return reg is None or list(reg.args) != list(rec["regime"]["args"])
 
 
 def select(p: Protocol, patterns: str | None) -> list[RunSpec]:
@@ -434,26 +532,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m navit_pe.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", default="cpu-short", help=f"one of {', '.join(PROTOCOLS)} (default: %(default)s)")
-    ap.add_argument("--results", default="results", help="records go to RESULTS/<protocol>/ (default: %(default)s)")
-    ap.add_argument("--work", default="runs/study", help="run directories (weights, checkpoints) go to "
-                    "WORK/<protocol>/ (default: %(default)s)")
+    ap.add_argument("--results", default=str(REPO / "results"),
+                    help="records and summary go to RESULTS/<protocol>/ (default: the repository's results/)")
+    ap.add_argument("--work", default=str(REPO / "runs" / "study"), help="run directories (weights, checkpoints) "
+                    "go to WORK/<protocol>/ (default: the repository's runs/study/)")
     ap.add_argument("--only", default=None, help="comma list of run-name patterns, e.g. 'mix__rope__*' (default: all)")
     ap.add_argument("--max-runs", type=int, default=0, help="stop after recording this many runs (0: no limit)")
     ap.add_argument("--list", action="store_true", help="list the runs and whether each is recorded, then exit")
     ap.add_argument("--summary", action="store_true", help="only rebuild the summary from the records")
-    ap.add_argument("--git-commit", action="store_true", help="commit each record and the summary as it is written")
+    ap.add_argument("--no-git-commit", action="store_true",
+                    help="do not commit the records (by default each record and the summary are committed as "
+                         "soon as they are written, when RESULTS is inside a git work tree)")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="train although tracked code has uncommitted changes (the records then name a commit "
+                         "that is not the code that ran)")
     ap.add_argument("--allow-cpu", action="store_true", help="run a GPU protocol on a machine without a GPU")
     args = ap.parse_args(argv)
     try:
         p = get_protocol(args.protocol)
-        root = Path(args.results) / p.name
+        root = Path(args.results).resolve() / p.name
         if args.max_runs < 0:
             raise UsageError(f"--max-runs must be 0 (no limit) or positive, got {args.max_runs}")
         specs = select(p, args.only)
         if args.list:
             for s in specs:
-                state = "recorded" if record_path(root, s).is_file() else "to do"
-                print(f"{state:8s}  {s.name:32s}  {' '.join(train_command(p, s, Path(args.work) / p.name / s.name, 'python'))}")
+                rec = record_path(root, s)
+                state = ("stale" if is_stale(json.loads(rec.read_text()), p) else "recorded") if rec.is_file() \
+                    else "to do"
+                cmd = train_command(p, s, Path(args.work) / p.name / s.name, "python")
+                print(f"{state:8s}  {s.name:32s}  {' '.join(cmd)}")
             print(f"{sum(record_path(root, s).is_file() for s in specs)} of {len(specs)} recorded in {root / 'runs'}")
             return 0
         if args.summary:
@@ -465,23 +572,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if not torch.cuda.is_available():
                 raise UsageError(f"protocol {p.name} needs a GPU ({p.about}); none found (--allow-cpu to run it anyway)")
+        changed = code_changes()
+        if changed and not args.allow_dirty:
+            raise UsageError(f"uncommitted changes to {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}: "
+                             f"commit them first so that every record names the code it ran (or --allow-dirty)")
         check_out_dir(root / "runs", "--results")
-        work = check_out_dir(Path(args.work) / p.name, "--work")
+        work = check_out_dir(Path(args.work).resolve() / p.name, "--work")
+        commit = not args.no_git_commit
+        if commit and (root / "runs").is_dir():  # records written just before an earlier run was killed
+            git_commit_dir(root, f"study {p.name}: records left uncommitted by an earlier call")
+        for s in specs:
+            if record_path(root, s).is_file() and is_stale(json.loads(record_path(root, s).read_text()), p):
+                print(f"study: warning: {s.name} was recorded with other regime flags than {p.name} has now; "
+                      f"delete {record_path(root, s)} to train it again", file=sys.stderr)
         todo = [s for s in specs if not record_path(root, s).is_file()]
         print(f"study {p.name}: {len(specs) - len(todo)} of {len(specs)} runs recorded, {len(todo)} to do", flush=True)
-        done = 0
-        for i, s in enumerate(todo):
-            if args.max_runs and done >= args.max_runs:
-                break
+        for i, s in enumerate(todo[:args.max_runs or None]):
             print(f"[{i + 1}/{len(todo)}] {s.name}", flush=True)
             rec = run_one(p, s, root, work)
-            done += 1
-            paths = build_summary(root, p)
+            build_summary(root, p)
             print(f"[{i + 1}/{len(todo)}] {s.name}: test acc {rec['result']['test_acc']:.4f}, "
                   f"train {rec['train_s'] / 60:.1f} min, sweep {rec['sweep_s'] / 60:.1f} min", flush=True)
-            if args.git_commit:
-                git_commit_files([record_path(root, s), *paths], f"study {p.name}: {s.name} recorded "
-                                 f"(test acc {rec['result']['test_acc']:.4f})")
+            if commit:
+                git_commit_dir(root, f"study {p.name}: {s.name} recorded (test acc {rec['result']['test_acc']:.4f})")
         if not todo and any(record_path(root, s).is_file() for s in specs):
             build_summary(root, p)
         return 0

@@ -346,6 +346,17 @@ def _tracker() -> str | None:
     return None
 
 
+def finished_result(run: Path) -> dict:
+    """The result of a run whose epochs are all done: results.json, or where the run was killed
+    before writing it (after its last checkpoint), the last epoch's row of metrics.jsonl."""
+    if (run / "results.json").is_file():
+        return json.loads((run / "results.json").read_text())
+    path = run / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    epochs = [r for r in rows if "test_acc" in r]
+    return epochs[-1] if epochs else {}
+
+
 # ----------------------------------------------------------------------------- train
 def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
@@ -436,8 +447,7 @@ def train(cfg: TrainConfig) -> dict:
                       f"(~{len(train_set) / spe:.0f} images a step), {cfg.epochs} epochs, data {ddir}")
 
     # -- loop (a resumed run that had already finished keeps its results)
-    done = run / "results.json"
-    result = json.loads(done.read_text()) if progress.epoch >= cfg.epochs and done.is_file() else {}
+    result = finished_result(run) if progress.epoch >= cfg.epochs else {}
     stopped = False
     unwrapped = accelerator.unwrap_model(model)
     eta = None  # the time left, paced from the end of this process's first step (which compiles)
@@ -541,7 +551,9 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     if not stopped and main:
         unwrapped.save_pretrained(run)
-        (run / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        tmp = run / "results.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(run / "results.json")
         accelerator.print(f"saved {run / 'model.safetensors'} and {run / 'config.json'}")
     log.close()
     accelerator.end_training()

@@ -15,11 +15,13 @@ mkdir -p "$OUT"
 one() {  # name epochs precision seed
   local name=$1 epochs=$2 prec=$3 seed=$4 run=runs/accuracy_fixed32/$1
   if [ -f "$OUT/$name/results.json" ]; then echo "$name: recorded"; return; fi
+  mkdir -p "$run"
+  [ -f "$run/commit" ] || git rev-parse HEAD > "$run/commit"  # the code the run started with
   OMP_NUM_THREADS=1 "$PY" train.py "${RECIPE[@]}" --epochs "$epochs" --mixed-precision "$prec" --seed "$seed" \
-    --out "$run" --resume latest > "$run.log" 2>&1
+    --out "$run" --resume latest >> "$run.log" 2>&1
   mkdir -p "$OUT/$name"
   cp "$run/results.json" "$run/metrics.jsonl" "$run/train_config.json" "$OUT/$name/"
-  git rev-parse HEAD > "$OUT/$name/commit"
+  cp "$run/commit" "$OUT/$name/commit"
   echo "$name: $(python3 -c "import json; print(json.load(open('$OUT/$name/results.json'))['test_acc'])")"
 }
 

@@ -66,7 +66,8 @@ def test_summary_from_fake_records(tmp_path):
     for p in paths:
         if p.suffix == ".png":
             with Image.open(p) as im:
-                assert im.size[0] > 100
+                lo, hi = im.convert("L").getextrema()
+                assert im.size[0] > 300 and hi - lo > 100  # drawn, not blank
 
 
 def test_summary_needs_records(tmp_path):
@@ -86,7 +87,7 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
     p = tiny_protocol(tiny_shards.parent)
     monkeypatch.setitem(study.PROTOCOLS, "tiny", lambda: p)
     results, work = tmp_path / "results", tmp_path / "work"
-    args = ["--protocol", "tiny", "--results", str(results), "--work", str(work)]
+    args = ["--protocol", "tiny", "--results", str(results), "--work", str(work), "--allow-dirty"]
     # an interrupted run: one step of rope, with a checkpoint and no results
     rope_dir = work / "tiny" / p.runs[0].name
     import subprocess
@@ -107,7 +108,9 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
         assert rec["result"] == json.loads((run_dir / "results.json").read_text())
         assert rec["train_config"]["pos_embed"] == spec.encoding and rec["train_config"]["seed"] == 0
         assert rec["sweep"]["resolutions"] == ["16x16", "32x32", "16x32"]
-        assert rec["commit"] and rec["sweep_s"] > 0 and len(rec["epochs"]) == 1
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=study.REPO, capture_output=True, text=True).stdout
+        assert rec["commit"].split("+")[0] == head.strip()
+        assert rec["sweep_s"] > 0 and rec["train_s"] > 0 and rec["train_cpu_s"] > 0 and len(rec["epochs"]) == 1
         # the sweep at eval_res is train.py's own final accuracy
         mode = next(iter(rec["sweep"]["modes"].values()))
         assert mode["32x32"]["acc"] == pytest.approx(rec["result"]["test_acc"])
@@ -116,6 +119,9 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
     summary = json.loads((results / "tiny" / "summary.json").read_text())
     assert summary["runs"] == 2 and {r["encoding"] for r in summary["rows"]} == {"rope", "learned_1d"}
 
+    # the interrupted run's time counts both attempts' epochs only once each
+    assert [e["epoch"] for e in json.loads((results / "tiny" / "runs" / f"{p.runs[0].name}.json").read_text())[
+        "epochs"]] == [1]
     # a second call finds everything recorded and trains nothing
     before = {f: f.stat().st_mtime_ns for f in (results / "tiny" / "runs").glob("*.json")}
     assert study.main(args) == 0
@@ -146,6 +152,65 @@ def test_gpu_protocol_refused_without_gpu(capfd, tmp_path, monkeypatch):
     assert not (tmp_path / "reference").exists()
 
 
+def test_epoch_rows_and_completeness(tmp_path):
+    """A run killed between an epoch's log line and its checkpoint logs that epoch twice: the last
+    row counts. A run without a final result, or with epochs missing, is not recorded."""
+    spec = RunSpec("rope", "mix", 0)
+    rows = [dict(step=1, loss=2.0), dict(epoch=1, test_acc=0.1, epoch_s=5.0), dict(epoch=1, test_acc=0.2, epoch_s=6.0),
+            dict(epoch=2, test_acc=0.3, epoch_s=7.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["test_acc"] for r in study.epoch_rows(tmp_path)] == [0.2, 0.3]
+    with pytest.raises(study.StudyError, match="not a finished run"):  # no results.json
+        study.check_complete(spec, tmp_path, 2)
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(study.StudyError, match="not a finished run"):  # an empty result
+        study.check_complete(spec, tmp_path, 2)
+    (tmp_path / "results.json").write_text(json.dumps(dict(test_acc=0.3)))
+    study.check_complete(spec, tmp_path, 2)
+    with pytest.raises(study.StudyError, match=r"epochs logged: \[1, 2\]"):
+        study.check_complete(spec, tmp_path, 3)
+
+
+def test_killed_before_results_json(tiny_shards, tmp_path):
+    """train.py killed after its last checkpoint but before results.json: --resume latest writes
+    the result from the last epoch's row instead of an empty one."""
+    import subprocess
+    import sys
+
+    p = tiny_protocol(tiny_shards.parent)
+    run = tmp_path / "run"
+    cmd = study.train_command(p, p.runs[1], run, sys.executable)
+    assert subprocess.run(cmd, cwd=study.REPO, capture_output=True).returncode == 0
+    first = json.loads((run / "results.json").read_text())
+    (run / "results.json").unlink()
+    assert subprocess.run(cmd, cwd=study.REPO, capture_output=True).returncode == 0
+    assert json.loads((run / "results.json").read_text()) == first and "test_acc" in first
+
+
+def test_git_commit_dir_commits_only_the_folder(tmp_path):
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "other.txt").write_text("staged elsewhere")
+    git("add", "other.txt")
+    root = tmp_path / "results" / "p"
+    study.write_json(root / "runs" / "a.json", {"x": 1})
+    assert study.git_commit_dir(root, "record a")
+    assert git("log", "--format=%s") == "record a\n"
+    assert git("show", "--name-only", "--format=").split() == ["results/p/runs/a.json"]
+    assert "A  other.txt" in git("status", "--porcelain")  # still staged, not committed
+    assert study.git_commit_dir(root, "nothing new")  # nothing to commit: no new commit
+    assert git("log", "--format=%s") == "record a\n"
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    assert not study.git_commit_dir(outside, "x")  # not in a git work tree: nothing to commit to
+
+
 def test_cpu_short_protocol_covers_the_issue():
     p = study.get_protocol("cpu-short")
     names = [s.name for s in p.runs]
@@ -158,5 +223,17 @@ def test_cpu_short_protocol_covers_the_issue():
     assert {(s.encoding, s.seed) for s in p.runs if s.regime == "mix_rescale2"} == {
         (e, s) for e in ("rope", "rope_mixed", "sincos") for s in (0, 1, 2)}
     assert {s.encoding for s in p.runs if s.regime == "ref32_10ep"} == set(study.PEER_6EP)
-    assert "--coord-rescale" in p.regimes["mix_rescale2"].args and "0" == p.regimes["mix"].args[
-        p.regimes["mix"].args.index("--randaug-ops") + 1]
+    def flag(reg, name):
+        a = list(reg.args)
+        return a[a.index(name) + 1] if name in a else None
+
+    for name, reg in p.regimes.items():
+        assert flag(reg, "--randaug-ops") == "0"  # crop + flip only
+        assert study.regime_epochs(reg) == (10 if name == "ref32_10ep" else 6)
+    assert flag(p.regimes["mix_rescale2"], "--coord-rescale") == "2"
+    assert flag(p.regimes["fixed32"], "--train-res") == "32" and flag(p.regimes["mix"], "--train-res") == "16:48"
+    ref = study.get_protocol("reference")
+    assert ref.needs_gpu and {s.encoding for s in ref.runs} == set(POS_EMBEDS)
+    (reg,) = ref.regimes.values()
+    assert study.regime_epochs(reg) == 200 and flag(reg, "--randaug-ops") is None  # train.py's RandAugment default
+    assert flag(reg, "--batch-images") == "128"
