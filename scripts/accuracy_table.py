@@ -30,7 +30,7 @@ def main() -> int:
         return 2
     lines = ["| precision | epochs | seeds | test accuracy per seed (%) | mean ± std (%) | s per epoch (training) | commit |",
              "|---|---:|---|---|---:|---:|---|"]
-    for (prec, epochs), rs in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (prec, epochs), rs in sorted(runs.items(), key=lambda kv: (int(kv[0][1].removesuffix("ep")), kv[0][0])):
         rs.sort(key=lambda r: r["seed"])
         accs = [100 * r["acc"] for r in rs]
         sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
