@@ -22,8 +22,8 @@ def main() -> int:
         rows = [json.loads(x) for x in (res.parent / "metrics.jsonl").read_text().splitlines()]
         ep = [r["epoch_train_s"] for r in rows if "epoch_train_s" in r]
         runs.setdefault((prec, epochs), []).append(dict(
-            seed=int(seed[1:]), acc=json.loads(res.read_text())["test_acc"], resolved=cfg["resolved_mixed_precision"],
-            compiled=cfg["compiled"], commit=(res.parent / "commit").read_text().strip()[:12],
+            seed=int(seed[1:]), acc=json.loads(res.read_text())["test_acc"], resolved=cfg.get("resolved_mixed_precision", "no"),
+            compiled=cfg.get("compiled", False), commit=(res.parent / "commit").read_text().strip()[:12],
             epoch_s=statistics.fmean(ep) if ep else float("nan")))
     if not runs:
         print(f"accuracy_table.py: no results under {ROOT}", file=sys.stderr)
@@ -34,7 +34,8 @@ def main() -> int:
         rs.sort(key=lambda r: r["seed"])
         accs = [100 * r["acc"] for r in rs]
         sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        label = "fp32 (--mixed-precision no)" if prec == "fp32" else f"default (auto -> {rs[0]['resolved']})"
+        label = {"fp32": "fp32 (--mixed-precision no)", "fp32at267bfa3": "fp32, code of 267bfa3 (before the speed work)"
+                 }.get(prec, f"default (auto -> {rs[0]['resolved']})")
         lines.append(f"| {label} | {epochs.removesuffix('ep')} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{', '.join(f'{a:.2f}' for a in accs)} | {statistics.fmean(accs):.2f}{sd} | "
                      f"{statistics.fmean(r['epoch_s'] for r in rs):.0f} | {', '.join(sorted({r['commit'] for r in rs}))} |")
@@ -46,7 +47,9 @@ sub-directories: train_config.json, metrics.jsonl, results.json, commit).
 
 Recipe: `train.py --pos-embed learned_1d --train-res 32 --randaug-ops 0 --warmup-epochs 1
 --batch-images 128 --max-seq-len 260 --epochs E --seed S --mixed-precision no|auto`, compiled
-(`--compile auto`: runs of >= 1000 steps). Test accuracy on the 10,000 CIFAR-10 test images at
+(`--compile auto`: runs of >= 1000 steps). The 267bfa3 row: the same flags with the train.py of
+commit 267bfa3 (fp32, not compiled; its "epochs" are 398 steps of 128 images); its first two epochs
+shared the CPU with the test suite. Test accuracy on the 10,000 CIFAR-10 test images at
 32x32 after the last epoch. Machine: 2-core Intel Xeon (AVX-512 BF16, AMX), torch 2.13 CPU; the
 two queues of the script ran side by side with one thread each, so the epoch times are those of
 a shared machine, not of a quiet one.
