@@ -34,7 +34,8 @@ def main() -> int:
         rs.sort(key=lambda r: r["seed"])
         accs = [100 * r["acc"] for r in rs]
         sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        label = {"fp32": "fp32 (--mixed-precision no)", "fp32at267bfa3": "fp32, code of 267bfa3 (before the speed work)"
+        label = {"fp32": "fp32 (--mixed-precision no)", "fp32at267bfa3": "fp32, code of 267bfa3 (before the speed work)",
+                 "nocompile": "default, --compile no"
                  }.get(prec, f"default (auto -> {rs[0]['resolved']})")
         lines.append(f"| {label} | {epochs.removesuffix('ep')} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{', '.join(f'{a:.2f}' for a in accs)} | {statistics.fmean(accs):.2f}{sd} | "
