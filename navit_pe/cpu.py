@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
 import sys
+from pathlib import Path
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's <malloc.h>
 _done = False
@@ -37,10 +40,6 @@ def keep_freed_memory() -> bool:
 
 def cpu_name() -> str:
     """The CPU's model name and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores' (for records of runs)."""
-    import os
-    import platform
-    from pathlib import Path
-
     name = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

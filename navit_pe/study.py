@@ -25,7 +25,6 @@ import datetime as _dt
 import fnmatch
 import json
 import math
-import os
 import platform
 import resource
 import statistics
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli import UsageError, check_out_dir
+from .cpu import cpu_name
 from .posenc import POS_EMBEDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,12 +145,6 @@ def git_commit_id(repo: Path = REPO) -> str:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def machine() -> str:
-    from .cpu import cpu_name
-
-    return cpu_name()
-
-
 def train_command(p: Protocol, spec: RunSpec, run_dir: Path, python: str, extra: Sequence[str] = ()) -> list[str]:
     return [python, "train.py", *p.regimes[spec.regime].args, "--pos-embed", spec.encoding, "--seed",
             str(spec.seed), "--out", str(run_dir), "--resume", "latest", *extra]
@@ -216,7 +210,7 @@ def make_record(p: Protocol, spec: RunSpec, run_dir: Path, train_cmd: list[str],
     started = (run_dir / "study_commit").read_text().strip() if (run_dir / "study_commit").is_file() else commit
     return dict(
         protocol=p.name, name=spec.name, spec=asdict(spec), regime=asdict(p.regimes[spec.regime]),
-        commit=started, recorded_commit=commit, machine=machine(), python=platform.python_version(),
+        commit=started, recorded_commit=commit, machine=cpu_name(), python=platform.python_version(),
         recorded_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         train_command=" ".join(train_cmd), sweep_command=" ".join(sweep_cmd),
         train_config=json.loads((run_dir / "train_config.json").read_text()),
