@@ -97,12 +97,14 @@ class Attention(nn.Module):
             # positional hooks: rotate q and k, then an additive bias on the logits
             q_rot, k_rot = pe.rotate(q, k, ctx, self.layer)
             if segments is not None and (pe.uses_bias or pe.value_term):  # varlen, explicit softmax
-                return segments.attend_with_bias(*(t[0].transpose(0, 1) for t in (q_rot, k_rot, v)), pe, ctx,
+                return segments.attend_with_bias(*(t.squeeze(0).transpose(0, 1) for t in (q_rot, k_rot, v)), pe, ctx,
                                                  self.layer).unsqueeze(0)
             if segments is not None:  # varlen: each image attends within its own bucket
                 if q_rot is not q or k_rot is not k:  # rotated: gather the new q and k with v
-                    qkv = rearrange(torch.stack((q_rot, k_rot, v)), "three b h n d -> b n three h d")
-                return segments.attend(qkv[0]).unsqueeze(0)
+                    # "three b h n d -> b n three h d" in the one copy that stack makes
+                    qkv = torch.stack([t.transpose(1, 2) for t in (q_rot, k_rot, v)], dim=2)
+                # squeeze, not [0]: the backward of a view is a view, that of an index a zero-filled copy
+                return segments.attend(qkv.squeeze(0)).unsqueeze(0)
             q, k = q_rot, k_rot
             if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
                 out = biased_attention(q, k, v, mask, pe, ctx, self.layer)
@@ -240,12 +242,14 @@ class NaViT(nn.Module):
 
     def compile_blocks(self) -> "NaViT":
         """torch.compile the per-token parts of every block (norms, projections, MLP, dropout
-        multiplies, residuals) with dynamic shapes; attention and the encodings stay eager. The
+        multiplies, residuals) with dynamic shapes; attention stays eager. The
         first steps then take longer (compilation, about a minute on 2 cores) and the rest run
-        faster; the weights and their names are unchanged."""
+        faster; the weights and their names are unchanged. The encoding compiles its own per-token
+        work (`compile_parts`, e.g. the rotary rotation)."""
         for block in self.blocks:
             block.pre_fn = torch.compile(block.pre, dynamic=True)
             block.post_fn = torch.compile(block.post, dynamic=True)
+        self.pos.compile_parts()  # e.g. the rotary encodings' rotation
         return self
 
     # -- forward

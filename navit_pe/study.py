@@ -24,6 +24,7 @@ import csv
 import datetime as _dt
 import fnmatch
 import json
+import os
 import math
 import platform
 import resource
@@ -601,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("study: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to a pipe that closed early, e.g. `--list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The packed model: packed == per-image, isolation between images, dropping, save/load."""
+import copy
 import pytest
 import torch
 
@@ -249,3 +250,44 @@ def test_compiled_parts_only_in_training():
         m.eval()(imgs)  # fine: eager
         with pytest.raises(AssertionError, match="compiled part"):
             m.train()(imgs)
+
+
+@pytest.mark.parametrize("name", ["rope", "rope_mixed"])
+def test_rotary_compiled_rotation_in_training_only(name):
+    """compile_parts gives the rotary encodings a compiled rotation that training uses (every
+    layer) and evaluation does not, as for the blocks' compiled parts."""
+    m = NaViT(name, dim=32, depth=2, heads=2)
+    m.pos.compile_parts()
+    calls = []
+
+    def spy(fn):
+        def wrapped(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return wrapped
+
+    m.pos.compiled = {fn: spy(fn) for fn in m.pos.compiled}  # the eager functions, counted
+    imgs = [torch.randn(3, 16, 16) for _ in range(2)]
+    with torch.no_grad():
+        m.eval()(imgs)
+        assert calls == []
+        m.train()(imgs)
+    assert len(calls) == m.config.depth
+
+
+def test_rotary_compiled_rotation_equals_eager():
+    """The compiled RoPE-Mixed rotation (angles, cos / sin and the rotation of q and k in one
+    graph) gives the eager outputs and gradients, the learned frequencies' included."""
+    torch.manual_seed(0)
+    eager = NaViT("rope_mixed", dim=32, depth=1, heads=2, dropout=0.0).train()
+    fused = copy.deepcopy(eager)
+    fused.pos.compile_parts()
+    imgs = [torch.randn(3, 16, 12), torch.randn(3, 8, 20)]
+    outs = []
+    for m in (eager, fused):
+        out = m(imgs)
+        out.square().sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

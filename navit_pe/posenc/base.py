@@ -106,6 +106,10 @@ class PosEncoding(nn.Module):
     def rotate(self, q: Tensor, k: Tensor, ctx: PosContext, layer: int) -> tuple[Tensor, Tensor]:
         return q, k
 
+    def compile_parts(self) -> None:
+        """torch.compile the encoding's own per-token work for training (NaViT.compile_blocks);
+        by default there is none worth it."""
+
     def attn_value(self, probs: Tensor, ctx: PosContext, layer: int) -> Tensor:
         raise NotImplementedError
 

@@ -34,6 +34,44 @@ def rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def rotate_pair(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k rotated by the same angles (`rotate_half`); compiled for training, one fused pass
+    over q and k each way instead of about seven (see RotaryEncoding.compile_parts)."""
+    return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+
+
+def mixed_angles(xy: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, h, L, d/2] of RoPE-Mixed's angles x f_x + y f_y; xy [B, L, 2] (x = col, y = row),
+    freqs [h, d/2, 2] of one layer."""
+    ang = einsum(xy, freqs.float(), "b l a, h m a -> b h l m")
+    return ang.cos(), ang.sin()
+
+
+def mixed_rotate(q: Tensor, k: Tensor, xy: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE-Mixed's rotation of q and k at positions xy with one layer's `freqs` (angles included,
+    so that compiled the whole of it is one graph)."""
+    return rotate_pair(q, k, *mixed_angles(xy, freqs))
+
+
+class RotaryEncoding(PosEncoding):
+    """Shared by the rotary encodings: their per-token rotation, eager or compiled for training."""
+
+    uses_rotate = True
+    relative = True
+
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__(cfg)
+        _check_head_dim(cfg, self.name)
+        self.compiled: dict = {}  # compiled versions of this module's rotation functions (compile_parts)
+
+    def compile_parts(self) -> None:
+        self.compiled = {fn: torch.compile(fn, dynamic=True) for fn in (rotate_pair, mixed_rotate)}
+
+    def run(self, fn, *args):
+        """fn(*args), compiled in training where compile_parts was called (eval stays eager, as the blocks do)."""
+        return self.compiled.get(fn, fn)(*args) if self.training else fn(*args)
+
+
 def patch_positions(ctx: PosContext) -> Tensor:
     """[B, L, 2] float (row, col) of patches (ctx.pos: augmented or interpolated where asked);
     0 on CLS and padding, so they get angle 0."""
@@ -46,15 +84,12 @@ def _check_head_dim(cfg: NaViTConfig, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- rope
-class RoPE2D(PosEncoding):
+class RoPE2D(RotaryEncoding):
     name = "rope"
     cls_handling = CLS_IDENTITY
-    uses_rotate = True
-    relative = True
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
-        _check_head_dim(cfg, self.name)
         quarter = cfg.head_dim // 4
         theta = cfg.rope_base ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
         self.register_buffer("theta", theta, persistent=False)  # fixed, rebuilt from the config
@@ -69,20 +104,16 @@ class RoPE2D(PosEncoding):
         return ctx.cache["rope_cos_sin"]
 
     def rotate(self, q: Tensor, k: Tensor, ctx: PosContext, layer: int) -> tuple[Tensor, Tensor]:
-        cos, sin = self.cos_sin(ctx)
-        return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+        return self.run(rotate_pair, q, k, *self.cos_sin(ctx))
 
 
 # ----------------------------------------------------------------------------- rope_mixed
-class RoPEMixed(PosEncoding):
+class RoPEMixed(RotaryEncoding):
     name = "rope_mixed"
     cls_handling = CLS_IDENTITY
-    uses_rotate = True
-    relative = True
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
-        _check_head_dim(cfg, self.name)
         quarter = cfg.head_dim // 4
         # magnitudes 1 / base^(4m/d), m < d/4, and one random direction phi per (layer, head)
         mag = 1.0 / cfg.rope_mixed_base ** (torch.arange(quarter, dtype=torch.float32) * 4 / cfg.head_dim)
@@ -99,6 +130,4 @@ class RoPEMixed(PosEncoding):
             ctx.cache["rope_mixed_xy"] = patch_positions(ctx).flip(-1)  # (x = col, y = row)
         xy = ctx.cache["rope_mixed_xy"]
         with torch.autocast(device_type=q.device.type, enabled=False):  # angles in fp32
-            ang = einsum(xy, self.freqs[layer].float(), "b l a, h m a -> b h l m")
-            cos, sin = ang.cos(), ang.sin()
-            return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+            return self.run(mixed_rotate, q, k, xy, self.freqs[layer])
