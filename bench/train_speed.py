@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"train_speed.py: no prepared CIFAR-10 under {data_root}; run python data/prepare_cifar.py")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 "navit_pe", "train.py", "bench"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
     configs = [c for c in CONFIGS if c in args.configs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "meta.json").is_file():
         raise SystemExit(f"train_step_ab.py: no prepared CIFAR-10 under {args.data_root}; run python data/prepare_cifar.py")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 "navit_pe", "train.py", "bench"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
     keep_freed_memory()
     store = ImageStore.load(data, "train")
