@@ -29,6 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"default mix (16:48)": [], "fixed 32x32": ["--train-res", "32"]}
 
 
+def code_version() -> str:
+    """This checkout's short commit, "+dirty" where the code (navit_pe/, train.py, bench/) has
+    uncommitted changes (results and docs do not count)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "navit_pe", "train.py", "bench")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
 def one_run(code: Path, data_root: Path, args: list[str], steps: int, warmup: int, log_every: int) -> dict:
     """Train `steps` steps with the train.py in `code`; images/s over the steps after `warmup`."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,11 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     data_root = Path(args.data_root).resolve()
     if not (data_root / "cifar10" / "meta.json").is_file():
         raise SystemExit(f"train_speed.py: no prepared CIFAR-10 under {data_root}; run python data/prepare_cifar.py")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                 "navit_pe", "train.py", "bench"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
     configs = [c for c in CONFIGS if c in args.configs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                       "ratios": ratios, "new_data_ms_per_step": data_ms[c],
                       "new_data_share": data_ms[c] / 1000 * statistics.fmean(n) / 128}
     info = {"machine": cpu_name(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "old": args.old, "new": commit + ("+dirty" if dirty else ""),
+            "threads": torch.get_num_threads(), "old": args.old, "new": code_version(),
             "command": " ".join(["python", "bench/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds}
     print(f"\n{info['machine']}, torch {info['torch']}, {info['threads']} threads; "

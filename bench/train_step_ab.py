@@ -47,6 +47,7 @@ from navit_pe.model import NaViT  # noqa: E402
 from navit_pe.stages import EpochPlan, TrainBatches, steps_per_epoch  # noqa: E402
 from navit_pe.trainer import resolve_precision  # noqa: E402
 from navit_pe.transforms import ResolutionSampler, TrainTransform, parse_res  # noqa: E402
+from train_speed import code_version  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 CONFIGS = {"default mix (16:48)": "16:48", "fixed 32x32": "32"}
 
@@ -132,10 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data_root).resolve() / "cifar10"
     if not (data / "meta.json").is_file():
         raise SystemExit(f"train_step_ab.py: no prepared CIFAR-10 under {args.data_root}; run python data/prepare_cifar.py")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                 "navit_pe", "train.py", "bench"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
     keep_freed_memory()
     store = ImageStore.load(data, "train")
     summary = {}
@@ -169,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['block_ratio_std']:.2f})", flush=True)
             del versions
     info = {"machine": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "old": args.old, "new": commit + ("+dirty" if dirty else ""),
+            "old": args.old, "new": code_version(),
             "command": " ".join(["python", "bench/train_step_ab.py", *(argv if argv is not None else sys.argv[1:])]),
             "steps": args.steps, "warmup": args.warmup, "block": args.block}
     print(f"{info['machine']}, torch {info['torch']}, {info['threads']} threads; {args.old} vs {info['new']}, "
