@@ -14,8 +14,8 @@ step, with its own defaults:
 
 A step's time includes making its batch. Images/s = images / seconds over the steps after
 `--warmup` (which pay for compilation); the ratio is also taken block by block (`--block`
-steps) for a spread. Both run in this process, so malloc's settings (`keep_freed_memory`, which
-only the new train.py applies) hold for both: if anything that favours the old version.
+steps) for a spread. Which version goes first in a turn alternates. malloc's settings
+(`keep_freed_memory`) are those that both versions' train.py apply.
 
     python bench/train_step_ab.py                                   # default mix and fixed 32x32
     python bench/train_step_ab.py --steps 100 --out results/bench/train_step_ab.json
@@ -26,6 +26,7 @@ import argparse
 import importlib
 import io
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -60,9 +61,15 @@ def import_old(commit: str, into: Path):
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(into, filter="data")
     (into / "navit_pe").rename(into / name)
-    for f in (into / name).rglob("*.py"):
-        f.write_text(f.read_text().replace("from navit_pe.", "from ."))
+    for f in (into / name).rglob("*.py"):  # every reference to the package by name, in any module
+        f.write_text(re.sub(r"\bnavit_pe\b", name, f.read_text()))
     sys.path.insert(0, str(into))
+    for mod in ("stages", "trainer", "model", "transforms", "config"):
+        importlib.import_module(f"{name}.{mod}")
+    outside = [m for m, v in sys.modules.items() if m.startswith(name)
+               and getattr(v, "__file__", None) and not Path(v.__file__).is_relative_to(into)]
+    if outside:
+        raise SystemExit(f"train_step_ab.py: {outside} of the old package loaded from outside {into}")
     return name
 
 
@@ -145,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             times = {v: [] for v in versions}
             images = {v: [] for v in versions}
             for i in range(args.warmup + args.steps):
-                for v, s in versions.items():  # one step of each, in turn
+                order = ("old", "new") if i % 2 else ("new", "old")  # one step of each; who goes first alternates
+                for v in order:
                     t = time.perf_counter()
-                    n = s.step()
+                    n = versions[v].step()
                     if i >= args.warmup:
                         times[v].append(time.perf_counter() - t)
                         images[v].append(n)

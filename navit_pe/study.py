@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # the output went to a pipe that closed early, e.g. `--list | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 0
+        return 0 if args.list else 1  # a listing cut short is fine; a study is not
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import torch
 
 from navit_pe import POS_EMBEDS, NaViT, NaViTConfig, pack
 from navit_pe.model import fast_dropout
+from navit_pe.posenc.rope import mixed_rotate, rotate_pair
 
 SMALL = dict(dim=32, depth=2, heads=2, num_classes=5, max_seq_len=64, pos_grid=4, max_grid=8)
 SIZES = [(8, 12), (4, 4), (16, 8), (12, 12), (4, 28), (20, 4)]
@@ -256,8 +257,12 @@ def test_compiled_parts_only_in_training():
 def test_rotary_compiled_rotation_in_training_only(name):
     """compile_parts gives the rotary encodings a compiled rotation that training uses (every
     layer) and evaluation does not, as for the blocks' compiled parts."""
-    m = NaViT(name, dim=32, depth=2, heads=2)
-    m.pos.compile_parts()
+    m = NaViT(name, dim=32, depth=2, heads=2).compile_blocks()  # the trainer's call; compiles lazily
+    for block in m.blocks:
+        block.pre_fn, block.post_fn = block.pre, block.post  # keep the blocks eager (fast test)
+    assert set(m.pos.compiled) == {rotate_pair, mixed_rotate}
+    assert all(c is not fn for fn, c in m.pos.compiled.items())  # compiled wrappers, not the functions
+    expected = {"rope": "rotate_pair", "rope_mixed": "mixed_rotate"}[name]
     calls = []
 
     def spy(fn):
@@ -272,7 +277,7 @@ def test_rotary_compiled_rotation_in_training_only(name):
         m.eval()(imgs)
         assert calls == []
         m.train()(imgs)
-    assert len(calls) == m.config.depth
+    assert calls == [expected] * m.config.depth
 
 
 def test_rotary_compiled_rotation_equals_eager():
@@ -282,6 +287,7 @@ def test_rotary_compiled_rotation_equals_eager():
     eager = NaViT("rope_mixed", dim=32, depth=1, heads=2, dropout=0.0).train()
     fused = copy.deepcopy(eager)
     fused.pos.compile_parts()
+    assert fused.pos.compiled[mixed_rotate] is not mixed_rotate
     imgs = [torch.randn(3, 16, 12), torch.randn(3, 8, 20)]
     outs = []
     for m in (eager, fused):
