@@ -22,7 +22,9 @@ class NaViTConfig:
     max_seq_len: int = 256  # tokens per packed sequence when the model packs a list of images itself
     attention: str = "auto"  # "dense" (block-diagonal mask over L), "varlen" (tokens regrouped by image),
     #                          "auto": varlen, the faster layout for every encoding (kept so saved configs load)
-    varlen_granularity: int = 1  # varlen: images whose lengths round up to the same multiple share a bucket
+    varlen_granularity: int = 0  # varlen: images whose lengths round up to the same multiple share a bucket;
+    #                              0 (auto): 16 where attention is an explicit softmax (an encoding with a bias
+    #                              or value term: fewer, padded buckets), else 1 (exact lengths, flash kernel)
     # -- positional-encoding options (each encoding reads the ones it needs)
     pos_grid: int = 8  # learned_1d: side of the training grid its table is laid out on (8x8 = 32px / 4)
     max_grid: int = 16  # learned_2d, factorized: table side; positions beyond clamp to the last entry
@@ -68,8 +70,8 @@ class NaViTConfig:
             raise ValueError(f"unknown pool {self.pool!r}; choose one of cls, mean, attn")
         if self.attention not in ("auto", "dense", "varlen"):
             raise ValueError(f"unknown attention {self.attention!r}; choose one of auto, dense, varlen")
-        if self.varlen_granularity < 1:
-            raise ValueError(f"varlen_granularity must be at least 1, got {self.varlen_granularity}")
+        if self.varlen_granularity < 0:
+            raise ValueError(f"varlen_granularity must be 0 (auto) or positive, got {self.varlen_granularity}")
         if self.pos_mode not in ("extrapolate", "interpolate"):
             raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of extrapolate, interpolate")
         if self.coord_shift < 0 or self.coord_jitter < 1 or self.coord_rescale < 1:

@@ -267,7 +267,7 @@ class NaViT(nn.Module):
         if self.config.attention == "dense":
             mask = batch.attention_mask()
         else:
-            segments = Segments(batch.image_ids, self.config.varlen_granularity)
+            segments = Segments(batch.image_ids, self.varlen_granularity())
             ctx = segments.context(ctx)
             patches = segments.to_slots(patches.reshape(-1, patches.shape[-1])).unsqueeze(0)
         # embed patches; the CLS slots take the learned CLS token
@@ -285,6 +285,18 @@ class NaViT(nn.Module):
         h = self.norm(h)
         # pool each image on its own, in image-id order
         return self.head(self._pool(h, ctx, n))
+
+    # explicit-softmax buckets rounded up to this many tokens: one bucket per ~16 lengths instead of one
+    # per length; for relative / fire_2d / alibi_2d 13-25 % faster a default-mix step (2 threads, bf16)
+    EXPLICIT_GRANULARITY = 16
+
+    def varlen_granularity(self) -> int:
+        """The configured bucket granularity, or for 0 (auto) EXPLICIT_GRANULARITY where attention
+        is an explicit softmax (an encoding with a bias or value term) and 1 for the flash kernel."""
+        g = self.config.varlen_granularity
+        if g:
+            return g
+        return self.EXPLICIT_GRANULARITY if (self.pos.uses_bias or self.pos.value_term) else 1
 
     def _positions(self, ctx: PosContext) -> PosContext:
         """Training: coordinate augmentation, then the trained extent is recorded. Eval with

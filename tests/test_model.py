@@ -150,7 +150,7 @@ def test_param_groups_cover_every_parameter_once():
     assert id(m.blocks[0].mlp.fc1.weight) not in no_decay
 
 
-@pytest.mark.parametrize("granularity", [1, 16])
+@pytest.mark.parametrize("granularity", [0, 1, 16])
 @pytest.mark.parametrize("pos", POS_EMBEDS)
 def test_varlen_equals_dense_attention(pos, granularity):
     """The varlen layout (tokens regrouped by image) and the dense block-diagonal mask over the
@@ -199,8 +199,8 @@ def test_varlen_kernel_equals_sdpa_loop(granularity, monkeypatch):
 @pytest.mark.parametrize("attention", ["auto", "dense"])
 def test_relative_bias_per_image_in_varlen(attention, monkeypatch):
     """In the varlen layout the pairwise hooks see [images, h, l, l] logits of each bucket of
-    equal-length images, never the L x L of a packed sequence; dense sees [B, h, L, L]."""
-    m = model("relative", "cls")
+    equal-length images (granularity 1), never the L x L of a packed sequence; dense sees [B, h, L, L]."""
+    m = model("relative", "cls", varlen_granularity=1)
     shapes = []
     hook = m.pos.attn_bias
 
@@ -297,3 +297,23 @@ def test_rotary_compiled_rotation_equals_eager():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_granularity_pads_buckets_only_for_explicit_softmax(monkeypatch):
+    """varlen_granularity 0 (the default): padded buckets of 16 where attention is an explicit
+    softmax (a bias or value term), exact lengths where it runs on the flash kernel."""
+    import navit_pe.model as M
+
+    seen = []
+
+    class Spy(M.Segments):
+        def __init__(self, image_ids, granularity=1):
+            seen.append(granularity)
+            super().__init__(image_ids, granularity)
+
+    monkeypatch.setattr(M, "Segments", Spy)
+    imgs = [torch.randn(3, 16, 12), torch.randn(3, 8, 20)]
+    for pos in ("sincos", "rope", "relative", "alibi_2d", "fire_2d"):
+        with torch.no_grad():
+            NaViT(pos, dim=32, depth=1, heads=2).eval()(imgs)
+    assert seen == [1, 1, 16, 16, 16]
