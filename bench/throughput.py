@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--attention", default="auto", help="packed model's attention: auto, varlen, dense")
-    ap.add_argument("--granularity", type=int, default=1, help="varlen bucket granularity")
+    ap.add_argument("--granularity", type=int, default=0,
+                    help="varlen bucket granularity (0: the model's auto, 16 for explicit-softmax encodings, else 1)")
     ap.add_argument("--malloc-default", action="store_true",
                     help="leave glibc malloc as it is (default: keep freed memory, as train.py does)")
     ap.add_argument("--variants", default=",".join(VARIANTS),

@@ -96,7 +96,7 @@ class Attention(nn.Module):
             q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
             # positional hooks: rotate q and k, then an additive bias on the logits
             q_rot, k_rot = pe.rotate(q, k, ctx, self.layer)
-            if segments is not None and (pe.uses_bias or pe.value_term):  # varlen, explicit softmax
+            if segments is not None and pe.explicit_softmax:  # varlen, explicit softmax
                 return segments.attend_with_bias(*(t.squeeze(0).transpose(0, 1) for t in (q_rot, k_rot, v)), pe, ctx,
                                                  self.layer).unsqueeze(0)
             if segments is not None:  # varlen: each image attends within its own bucket
@@ -296,7 +296,7 @@ class NaViT(nn.Module):
         g = self.config.varlen_granularity
         if g:
             return g
-        return self.EXPLICIT_GRANULARITY if (self.pos.uses_bias or self.pos.value_term) else 1
+        return self.EXPLICIT_GRANULARITY if self.pos.explicit_softmax else 1
 
     def _positions(self, ctx: PosContext) -> PosContext:
         """Training: coordinate augmentation, then the trained extent is recorded. Eval with

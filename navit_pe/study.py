@@ -24,8 +24,8 @@ import csv
 import datetime as _dt
 import fnmatch
 import json
-import os
 import math
+import os
 import platform
 import resource
 import statistics

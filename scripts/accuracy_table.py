@@ -62,8 +62,9 @@ Given the same weights and the same batch (dropout off), the model of today's co
 267bfa3 give bitwise the same logits and gradients (learned_1d, 128 images packed 4 to a sequence
 of 260 tokens), and both read the same pixels from the shards; what differs is the order of the
 images and the random draws (crop, flip, dropout). Over seeds 1 and 2, 267bfa3 gives 59.33 and
-58.39 % (and 58.93 % with seed 0, the issue's run, not in this folder): a spread of about 0.5
-points, within which today's default (58.45, 58.52, 58.44 over seeds 0-2) lies.
+58.39 % (and 58.93 % with seed 0, the issue's run, not in this folder): 58.88 ± 0.47 % over the
+three seeds, a range of 0.94 points, within which today's default (58.45, 58.52, 58.44 over
+seeds 0-2) lies.
 
 {table}
 """

@@ -106,6 +106,12 @@ class PosEncoding(nn.Module):
     def rotate(self, q: Tensor, k: Tensor, ctx: PosContext, layer: int) -> tuple[Tensor, Tensor]:
         return q, k
 
+    @property
+    def explicit_softmax(self) -> bool:
+        """Whether attention must be an explicit softmax (a bias on the logits or a value term),
+        not the flash kernel."""
+        return self.uses_bias or self.value_term
+
     def compile_parts(self) -> None:
         """torch.compile the encoding's own per-token work for training (NaViT.compile_blocks);
         by default there is none worth it."""
