@@ -2,12 +2,14 @@
 
 Same model (dim 128, depth 6, 4 heads, dropout 0.1), the same packed batch of the default mix
 (128 images, sides 16..48 px drawn independently), full training steps (forward, backward,
-AdamW). The encodings take turns step by step inside one process, so a slow spell of the machine
-hits all of them alike; each reports its median step time over `--steps` timed steps after
+AdamW), with the blocks compiled as train.py compiles them (`--compile no`: eager). The
+encodings take turns step by step inside one process, so a slow spell of the machine hits all
+of them alike; each reports its median step time over `--steps` timed steps after
 `--warmup`, and the ratio to `none`.
 
     python bench/posenc_cost.py                                   # every registered encoding
     python bench/posenc_cost.py --pos-embed none,rope,alibi_2d --out results/bench/posenc_cost.json
+    python bench/posenc_cost.py --compile no                      # eager blocks
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per encoding first")
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                     help="as train.py's flag (auto: bf16 where the CPU has native bf16)")
+    ap.add_argument("--compile", default="yes", choices=["yes", "no"],
+                    help="torch.compile the blocks' per-token parts as train.py does (default yes; the "
+                         "warm-up steps then include the compilation)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
     names = list(dict.fromkeys(["none", *[n for n in args.pos_embed.split(",") if n]]))
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         torch.manual_seed(0)
         model = NaViT(name).train()
+        if args.compile == "yes":
+            model.compile_blocks()
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
 
     def step(name: str) -> float:
@@ -74,9 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(step(name))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     info = dict(machine=f"{os.cpu_count()} cores", torch=torch.__version__, threads=torch.get_num_threads(),
-                precision=precision, steps=args.steps, warmup=args.warmup,
+                precision=precision, compiled=args.compile == "yes", steps=args.steps, warmup=args.warmup,
                 command="python bench/posenc_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"{info['machine']}, torch {info['torch']}, {info['threads']} threads, {precision}, "
+          f"{'compiled' if info['compiled'] else 'eager'} blocks, "
           f"{batch.num_images} images of the default mix, median of {args.steps} steps")
     for name in names:
         print(f"{name:12s} {1000 * med[name]:7.1f} ms/step  {med[name] / med['none']:.2f}x none")

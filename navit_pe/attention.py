@@ -9,7 +9,9 @@ Three ways to run "every token attends only to its own image":
 3. varlen elsewhere (CUDA, or a torch without that kernel): a loop of
    `F.scaled_dot_product_attention` calls, one per bucket.
 Encodings with a bias or value term run `biased_attention` bucket by bucket
-(`Segments.attend_with_bias`). A GPU varlen kernel would be one more branch of `Segments.attend`.
+(`Segments.attend_with_bias`), unless they widen q, k and v so that the flash kernel computes
+the same (`PosEncoding.widen`, `relative`). A GPU varlen kernel would be one more branch of
+`Segments.attend`.
 """
 from __future__ import annotations
 
@@ -121,20 +123,21 @@ class Segments:
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
         return torch.cat(outs)
 
-    def attend(self, qkv: Tensor) -> Tensor:
-        """qkv [S, 3, h, d] in slot layout -> attention output [S, h*d], bucket by bucket.
+    def attend(self, qkv: Tensor, scale: float | None = None) -> Tensor:
+        """qkv [S, 3, h, d] in slot layout -> attention output [S, h*d], bucket by bucket; logits
+        scaled by `scale` (default d^-0.5).
 
         On CPU one autograd node runs SDPA's own flash kernel over all buckets (VarlenAttention);
         elsewhere, or where torch lacks that kernel, a loop of F.scaled_dot_product_attention.
         """
         if qkv.device.type == "cpu" and _CPU_FLASH is not None:
-            return VarlenAttention.apply(qkv, self.buckets)
+            return VarlenAttention.apply(qkv, self.buckets, scale)
         h, d = qkv.shape[2:]
         # split, not slice: a slice's backward writes a zero tensor of the full size per bucket
         outs = []
         for (nb, lb, mask), rows in zip(self.buckets, qkv.split([nb * lb for nb, lb, _ in self.buckets])):
             q, k, v = rows.view(nb, lb, 3, h, d).permute(2, 0, 3, 1, 4)  # "(n l) three h d -> three n h l d"
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
         return torch.cat(outs)
 
@@ -163,7 +166,7 @@ class VarlenAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, buckets: list) -> Tensor:
+    def forward(ctx, qkv: Tensor, buckets: list, scale: float | None = None) -> Tensor:
         qkv = qkv.contiguous()
         h, d = qkv.shape[2:]
         outs, lses, row = [], [], qkv.storage_offset()
@@ -171,12 +174,12 @@ class VarlenAttention(torch.autograd.Function):
             # "(n l) three h d -> three n h l d" for this bucket's rows, as three strided views
             size, stride = (nb, h, lb, d), (lb * 3 * h * d, d, 3 * h * d, 1)
             q, k, v = (qkv.as_strided(size, stride, row + i * h * d) for i in range(3))
-            o, lse = _CPU_FLASH(q, k, v, attn_mask=mask)
+            o, lse = _CPU_FLASH(q, k, v, attn_mask=mask, scale=scale)
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # a view: o is laid out [n, l, h, d]
             lses.append(lse)
             row += nb * lb * 3 * h * d
         out = torch.cat(outs)
-        ctx.buckets = buckets
+        ctx.buckets, ctx.scale = buckets, scale
         ctx.save_for_backward(qkv, out, *lses)
         return out
 
@@ -192,9 +195,9 @@ class VarlenAttention(torch.autograd.Function):
             q, k, v = (qkv.as_strided(size, stride, qkv.storage_offset() + row + i * h * d) for i in range(3))
             g = grad.as_strided(size, stride_o, grad.storage_offset() + row_o)
             o = out.as_strided(size, stride_o, out.storage_offset() + row_o)
-            grads = _CPU_FLASH_BWD(g, q, k, v, o, lse, 0.0, False, attn_mask=mask)
+            grads = _CPU_FLASH_BWD(g, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
             for i, t in enumerate(grads):
                 dqkv.as_strided(size, stride, row + i * h * d).copy_(t)
             row += nb * lb * 3 * h * d
             row_o += nb * lb * h * d
-        return dqkv, None
+        return dqkv, None, None

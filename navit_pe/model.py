@@ -104,7 +104,13 @@ class Attention(nn.Module):
                     # "three b h n d -> b n three h d" in the one copy that stack makes
                     qkv = torch.stack([t.transpose(1, 2) for t in (q_rot, k_rot, v)], dim=2)
                 # squeeze, not [0]: the backward of a view is a view, that of an index a zero-filled copy
-                return segments.attend(qkv.squeeze(0)).unsqueeze(0)
+                qkv = qkv.squeeze(0)
+                if not pe.widens_attention:
+                    return segments.attend(qkv).unsqueeze(0)
+                # the encoding's bias and value term as extra channels of q, k, v, on the flash kernel
+                s, _, h, d = qkv.shape
+                out = segments.attend(pe.widen(qkv, ctx, self.layer), scale=d ** -0.5).view(s, h, -1)
+                return pe.narrow(out, ctx, self.layer).view(1, s, h * d)
             q, k = q_rot, k_rot
             if pe.value_term:  # explicit softmax: the encoding also adds a term to the values
                 out = biased_attention(q, k, v, mask, pe, ctx, self.layer)

@@ -5,6 +5,7 @@ import torch
 
 from navit_pe import POS_EMBEDS, NaViT, NaViTConfig, pack
 from navit_pe.model import fast_dropout
+from navit_pe.posenc import REGISTRY
 from navit_pe.posenc.rope import mixed_rotate, rotate_pair
 
 SMALL = dict(dim=32, depth=2, heads=2, num_classes=5, max_seq_len=64, pos_grid=4, max_grid=8)
@@ -197,10 +198,10 @@ def test_varlen_kernel_equals_sdpa_loop(granularity, monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["auto", "dense"])
-def test_relative_bias_per_image_in_varlen(attention, monkeypatch):
+def test_pairwise_bias_per_image_in_varlen(attention, monkeypatch):
     """In the varlen layout the pairwise hooks see [images, h, l, l] logits of each bucket of
     equal-length images (granularity 1), never the L x L of a packed sequence; dense sees [B, h, L, L]."""
-    m = model("relative", "cls", varlen_granularity=1)
+    m = model("alibi_2d", "cls", varlen_granularity=1)
     shapes = []
     hook = m.pos.attn_bias
 
@@ -220,6 +221,49 @@ def test_relative_bias_per_image_in_varlen(attention, monkeypatch):
         assert sum(s[0] for s in shapes) == len(ims) * m.config.depth  # every image once per layer
     else:
         assert {s[0] for s in shapes} == {batch.patches.shape[0]} and {s[2] for s in shapes} == {64}
+
+
+WIDENING = [n for n in POS_EMBEDS if REGISTRY[n].widens_attention]
+
+
+@pytest.mark.parametrize("positions", ["grid", "interpolate", "augmented"])
+@pytest.mark.parametrize("pos", WIDENING)
+def test_widened_attention_equals_explicit_softmax(pos, positions, monkeypatch):
+    """An encoding that widens q, k, v (its bias and value term as extra channels, run on the flash
+    kernel) gives the logits and gradients of its explicit softmax, bucket by bucket, also on float
+    positions (interpolated into the trained extent, or coordinate augmentation in training); and
+    in the varlen layout it never calls the pairwise hooks."""
+    m = model(pos, "cls", varlen_granularity=1, dropout=0.0, coord_rescale=2.0, coord_shift=0.5)
+    if positions == "interpolate":
+        m.config.pos_mode = "interpolate"
+        m.pos.trained_extent.fill_(3.0)  # 3x3 trained: larger grids are scaled by 2/(g-1), fractions
+    m.train(positions == "augmented")
+    batch = pack(images(), 4, 64, labels=[0, 1, 2, 3, 4, 0], cls_token=True)
+    calls, widths = [], []
+    for name in ("attn_bias", "attn_value"):
+        hook = getattr(m.pos, name)
+        monkeypatch.setattr(m.pos, name, lambda *a, _hook=hook: calls.append(1) or _hook(*a))
+    widen = m.pos.widen
+    monkeypatch.setattr(m.pos, "widen", lambda *a: widths.append(widen(*a).shape[-1]) or widen(*a))
+    results = []
+    for widened in (True, False):
+        m.pos.widens_attention = widened
+        m.zero_grad()
+        torch.manual_seed(1)  # the same coordinate augmentation draws
+        out = m(batch)
+        torch.nn.functional.cross_entropy(out, batch.labels).backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        if widened:
+            assert not calls and widths
+            rows, cols = (int(batch.coords[..., a].max()) + 1 for a in (0, 1))
+            assert set(widths) == {m.config.head_dim + rows + 1 + cols + 1}
+        else:
+            assert calls
+    (out_w, grads_w), (out_e, grads_e) = results
+    assert (out_w - out_e).abs().max().item() <= 1e-5
+    assert grads_w.keys() == grads_e.keys()
+    for n, g in grads_e.items():
+        assert torch.allclose(grads_w[n], g, atol=1e-5, rtol=1e-4), n
 
 
 @pytest.mark.parametrize("attention", ["auto", "dense"])
@@ -301,7 +345,8 @@ def test_rotary_compiled_rotation_equals_eager():
 
 def test_auto_granularity_pads_buckets_only_for_explicit_softmax(monkeypatch):
     """varlen_granularity 0 (the default): padded buckets of 16 where attention is an explicit
-    softmax (a bias or value term), exact lengths where it runs on the flash kernel."""
+    softmax (a bias or value term), exact lengths where it runs on the flash kernel (also
+    `relative`, which widens q, k and v instead)."""
     import navit_pe.model as M
 
     seen = []
@@ -316,4 +361,4 @@ def test_auto_granularity_pads_buckets_only_for_explicit_softmax(monkeypatch):
     for pos in ("sincos", "rope", "relative", "alibi_2d", "fire_2d"):
         with torch.no_grad():
             NaViT(pos, dim=32, depth=1, heads=2).eval()(imgs)
-    assert seen == [1, 1, 16, 16, 16]
+    assert seen == [1, 1, 1, 16, 16]

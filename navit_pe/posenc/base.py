@@ -6,7 +6,10 @@ A transformer can learn position at three points, and every encoding uses one or
 3. `rotate(q, k, ctx, i)`  -> (q, k) rotated before the logits of block i are taken.
 An encoding whose bias also has a value part (Shaw et al.'s relative encoding) sets
 `value_term = True` and implements `attn_value(probs, ctx, i)`; attention then runs the
-explicit softmax path instead of `F.scaled_dot_product_attention`.
+explicit softmax path instead of `F.scaled_dot_product_attention`. Where the bias and the value
+term depend on the key only through its row and column, the encoding can also set
+`widens_attention` and implement `widen` / `narrow`: the same attention as extra channels of
+q, k and v, which the varlen layout runs on the flash kernel (`relative` does).
 
 All hooks receive a `PosContext` built once per forward from the PackedBatch, so they work
 inside packed sequences and on any grid: coordinates and grids come from the data, nothing
@@ -78,6 +81,7 @@ class PosEncoding(nn.Module):
     uses_rotate: ClassVar[bool] = False
     value_term: ClassVar[bool] = False
     relative: ClassVar[bool] = False  # patch-patch logits depend on position differences only
+    widens_attention: ClassVar[bool] = False  # bias and value term as extra channels of q, k, v (`widen`)
     same_in_both_modes: ClassVar[bool] = False  # pos_mode "interpolate" == "extrapolate" (grid-relative)
     mirror_symmetric: ClassVar[bool] = False  # a mirrored image gives the same logits (distance-only bias)
 
@@ -108,9 +112,20 @@ class PosEncoding(nn.Module):
 
     @property
     def explicit_softmax(self) -> bool:
-        """Whether attention must be an explicit softmax (a bias on the logits or a value term),
-        not the flash kernel."""
-        return self.uses_bias or self.value_term
+        """Whether varlen attention must be an explicit softmax (a bias on the logits or a value
+        term), not the flash kernel: not where the encoding widens q, k and v instead."""
+        return (self.uses_bias or self.value_term) and not self.widens_attention
+
+    def widen(self, qkv: Tensor, ctx: PosContext, layer: int) -> Tensor:
+        """For `widens_attention` encodings, in the varlen slot layout (ctx [1, S]): qkv [S, 3, h, d]
+        -> [S, 3, h, d'] such that plain softmax attention over the widened q, k, v at scale
+        d^-0.5 gives the logits of `attn_bias` exactly and carries in its extra output channels
+        what `narrow` needs for the value term. The flash kernel can then run the encoding."""
+        raise NotImplementedError
+
+    def narrow(self, out: Tensor, ctx: PosContext, layer: int) -> Tensor:
+        """The attention output over `widen`'s q, k, v [S, h, d'] -> [S, h, d], value term added."""
+        raise NotImplementedError
 
     def compile_parts(self) -> None:
         """torch.compile the encoding's own per-token work for training (NaViT.compile_blocks);

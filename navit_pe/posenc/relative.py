@@ -16,10 +16,21 @@ n = dr * (2k+2) + dc, so each layer does a single gather and a single scatter ov
 ([B, h, L, (2k+2)^2], tiny), the value term scatter-adds the probabilities into the
 (2k+2)^2 joint bins, sums them per axis and multiplies by the value tables. Pairs across
 images get some valid index; the block-diagonal mask removes them anyway.
+
+The varlen layout runs it on the flash kernel instead (`widen` / `narrow`, no [L, L] tensor of
+its own). The row term depends on the key only through the key's row b, so with G rows
+
+    q_row . R^K[dr(i, j)] = sum_b Q_ib [row_j = b],   Q_ib = q_row . R^K[dr(i, b)],
+
+a dot product of Q_i [G+1] with the key's one-hot row [G+1] (entry G: the CLS key). Appending
+Q_i to q and the one-hot rows and columns to k gives the biased logits; appending the one-hots
+to v makes attention return P_ib = sum_j p_ij [row_j = b], and the row value term is
+sum_b P_ib R^V[dr(i, b)]. The head width grows from d to d + (rows + 1) + (cols + 1).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -33,6 +44,7 @@ class Relative2D(PosEncoding):
     uses_bias = True
     value_term = True
     relative = True
+    widens_attention = True
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__(cfg)
@@ -78,3 +90,52 @@ class Relative2D(PosEncoding):
         out_row = p.sum(-1) @ self.value_row[layer].to(probs.dtype)  # [B, h, L, d/2]
         out_col = p.sum(-2) @ self.value_col[layer].to(probs.dtype)
         return torch.cat([out_row, out_col], dim=-1)
+
+    # -- the same attention as extra channels of q, k, v (the varlen layout; module docstring)
+    def axis_index(self, ctx: PosContext) -> tuple[Tensor, Tensor, Tensor]:
+        """Cached per forward, for the slot-layout context [1, S]: (rows [S, 1, G_r+1] long: the
+        table entry between query i and a key in row b of the same image, G_r for the CLS key;
+        cols, likewise [S, 1, G_c+1]; hot [S, 2, 1, G_r+1 + G_c+1]: for k and v, each token's own row
+        and column one-hot, CLS at G_r and G_c, zeros on padding)."""
+        if "relative_axes" not in ctx.cache:
+            k, cls = self.k, 2 * self.k + 1
+            img, is_cls = ctx.image_ids[0], ctx.is_cls[0]
+            patch = ctx.is_patch[0]
+            n = int(img.max()) + 1 if img.numel() else 0
+            entries, hots = [], []
+            for a in (0, 1):
+                c, pos = ctx.coords[0, :, a], ctx.pos[0, :, a]
+                g = int(c.max()) + 1 if c.numel() else 1
+                # the position of row b of every image (the tokens of a row share it): pos_j itself
+                row_pos = pos.new_zeros(n, g).index_put_((img[patch], c[patch]), pos[patch])
+                dist = row_pos[img.clamp(min=0)] - pos.unsqueeze(-1)  # [S, g]: pos_j - pos_i, key in row b
+                entry = dist.round().long().clamp(-k, k) + k
+                entry = torch.cat([entry, torch.full_like(entry[:, :1], cls)], -1)  # the CLS key
+                entries.append(entry.masked_fill(is_cls.unsqueeze(-1), cls).unsqueeze(1))  # a CLS query: all CLS
+                slot = torch.where(is_cls, g, c).masked_fill(img < 0, g + 1)  # padding: a dropped column
+                hots.append(F.one_hot(slot, g + 2)[:, :g + 1])
+            hot = torch.cat(hots, -1).to(ctx.pos.dtype)
+            hot = torch.stack([hot, hot], 1).unsqueeze(2)
+            ctx.cache["relative_axes"] = (*entries, hot)
+        return ctx.cache["relative_axes"]
+
+    def widen(self, qkv: Tensor, ctx: PosContext, layer: int) -> Tensor:
+        rows, cols, hot = self.axis_index(ctx)
+        s, _, h, d = qkv.shape
+        q_row, q_col = qkv[:, 0].split(d // 2, dim=-1)
+        # Q_ib = q_row . R^K[entry(i, b)]: q against the 2k+2 table rows, then each b picks its entry
+        s_row = (q_row @ self.key_row[layer].to(qkv.dtype).T).gather(-1, rows.expand(s, h, -1))
+        s_col = (q_col @ self.key_col[layer].to(qkv.dtype).T).gather(-1, cols.expand(s, h, -1))
+        hot = hot.expand(s, 2, h, -1).to(qkv.dtype)  # k and v get their one-hot rows and columns
+        return torch.cat([qkv, torch.cat([torch.cat([s_row, s_col], -1).unsqueeze(1), hot], 1)], -1)
+
+    def narrow(self, out: Tensor, ctx: PosContext, layer: int) -> Tensor:
+        rows, cols, _ = self.axis_index(ctx)
+        s, h, _ = out.shape
+        d, bins = self.cfg.head_dim, 2 * self.k + 2
+        o, p_row, p_col = out.split([d, rows.shape[-1], cols.shape[-1]], dim=-1)
+        # the probability of each key row summed per table entry, times the value table: [S, h, d/2]
+        e_row = out.new_zeros(s, h, bins).scatter_add_(-1, rows.expand(s, h, -1), p_row)
+        e_col = out.new_zeros(s, h, bins).scatter_add_(-1, cols.expand(s, h, -1), p_col)
+        value = torch.cat([e_row @ self.value_row[layer].to(out.dtype), e_col @ self.value_col[layer].to(out.dtype)], -1)
+        return o + value
