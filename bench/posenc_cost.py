@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     precision = resolve_precision(args.mixed_precision)
     rng, g = random.Random(0), torch.Generator().manual_seed(0)
     if args.eval_side < 0 or args.eval_side % 4:
-        raise SystemExit(f"posenc_cost.py: --eval-side must be a positive multiple of 4 px, got {args.eval_side}")
+        raise SystemExit(f"posenc_cost.py: --eval-side must be 0 (training steps) or a positive multiple of 4 px, got {args.eval_side}")
     if args.eval_side:
         images = [torch.randn(3, args.eval_side, args.eval_side, generator=g) for _ in range(64)]
     else:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             model.pos.widens_attention = False  # the explicit softmax bucket by bucket (and its granularity)
         if args.compile == "yes":
             model.compile_blocks()
-        runs[label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
+        runs[label] = (model, None if args.eval_side else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
 
     def step(name: str) -> float:
         model, opt = runs[name]

@@ -107,7 +107,8 @@ class Attention(nn.Module):
                 qkv = qkv.squeeze(0)
                 if not pe.widens_attention:
                     return segments.attend(qkv).unsqueeze(0)
-                # the encoding's bias and value term as extra channels of q, k, v, on the flash kernel
+                # the encoding's bias and value term as extra channels of q, k, v, on the flash kernel; the
+                # logits keep the scale of the head width d (the kernel's default would be that of the wider d')
                 s, _, h, d = qkv.shape
                 out = segments.attend(pe.widen(qkv, ctx, self.layer), scale=d ** -0.5).view(s, h, -1)
                 return pe.narrow(out, ctx, self.layer).view(1, s, h * d)

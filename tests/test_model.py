@@ -171,10 +171,12 @@ def test_varlen_equals_dense_attention(pos, granularity):
         assert torch.allclose(g, grads["auto"][n], atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("scale", [None, 0.3])
 @pytest.mark.parametrize("granularity", [1, 8])
-def test_varlen_kernel_equals_sdpa_loop(granularity, monkeypatch):
+def test_varlen_kernel_equals_sdpa_loop(granularity, scale, monkeypatch):
     """VarlenAttention (SDPA's CPU flash kernel per bucket, one autograd node) and the loop of
-    F.scaled_dot_product_attention calls used elsewhere give the same output and qkv gradient."""
+    F.scaled_dot_product_attention calls used elsewhere give the same output and qkv gradient,
+    at the default scale and at a given one."""
     import navit_pe.attention as A
 
     if A._CPU_FLASH is None:
@@ -188,7 +190,7 @@ def test_varlen_kernel_equals_sdpa_loop(granularity, monkeypatch):
     for kernel in (A._CPU_FLASH, None):
         monkeypatch.setattr(A, "_CPU_FLASH", kernel)
         x = qkv.clone().requires_grad_()
-        out = seg.attend(x)
+        out = seg.attend(x, scale)
         out.backward(grad)
         results.append((out.detach(), x.grad))
     assert any(mask is not None for _, _, mask in seg.buckets) == (granularity > 1)
@@ -226,18 +228,28 @@ def test_pairwise_bias_per_image_in_varlen(attention, monkeypatch):
 WIDENING = [n for n in POS_EMBEDS if REGISTRY[n].widens_attention]
 
 
-@pytest.mark.parametrize("positions", ["grid", "interpolate", "augmented"])
+@pytest.mark.parametrize("kernel", ["flash", "loop"])
+@pytest.mark.parametrize("positions", ["grid", "interpolate", "augmented", "dropped"])
 @pytest.mark.parametrize("pos", WIDENING)
-def test_widened_attention_equals_explicit_softmax(pos, positions, monkeypatch):
+def test_widened_attention_equals_explicit_softmax(pos, positions, kernel, monkeypatch):
     """An encoding that widens q, k, v (its bias and value term as extra channels, run on the flash
-    kernel) gives the logits and gradients of its explicit softmax, bucket by bucket, also on float
-    positions (interpolated into the trained extent, or coordinate augmentation in training); and
-    in the varlen layout it never calls the pairwise hooks."""
-    m = model(pos, "cls", varlen_granularity=1, dropout=0.0, coord_rescale=2.0, coord_shift=0.5)
+    kernel or the SDPA loop) gives the logits and gradients of its explicit softmax, bucket by
+    bucket: on the grid, on float positions (interpolated into the trained extent, with distances
+    at exactly .5; coordinate augmentation in training), and with half the tokens dropped, per-axis
+    jitter and padded buckets (masked keys, unused slots); and in the varlen layout it never
+    calls the pairwise hooks."""
+    import navit_pe.attention as A
+
+    if kernel == "loop":
+        monkeypatch.setattr(A, "_CPU_FLASH", None)
+    dropped = positions == "dropped"
+    m = model(pos, "cls", varlen_granularity=16 if dropped else 1, dropout=0.0, coord_rescale=2.0,
+              coord_shift=0.5, coord_jitter=2.0 if dropped else 1.0)
+    m.token_drop = 0.5 if dropped else 0.0
     if positions == "interpolate":
         m.config.pos_mode = "interpolate"
         m.pos.trained_extent.fill_(3.0)  # 3x3 trained: larger grids are scaled by 2/(g-1), fractions
-    m.train(positions == "augmented")
+    m.train(positions in ("augmented", "dropped"))
     batch = pack(images(), 4, 64, labels=[0, 1, 2, 3, 4, 0], cls_token=True)
     calls, widths = [], []
     for name in ("attn_bias", "attn_value"):
@@ -255,8 +267,9 @@ def test_widened_attention_equals_explicit_softmax(pos, positions, monkeypatch):
         results.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
         if widened:
             assert not calls and widths
-            rows, cols = (int(batch.coords[..., a].max()) + 1 for a in (0, 1))
-            assert set(widths) == {m.config.head_dim + rows + 1 + cols + 1}
+            if not dropped:  # (dropping may remove the last row or column)
+                rows, cols = (int(batch.coords[..., a].max()) + 1 for a in (0, 1))
+                assert set(widths) == {m.config.head_dim + rows + 1 + cols + 1}
         else:
             assert calls
     (out_w, grads_w), (out_e, grads_e) = results

@@ -103,17 +103,18 @@ class Relative2D(PosEncoding):
             patch = ctx.is_patch[0]
             n = int(img.max()) + 1 if img.numel() else 0
             entries, hots = [], []
-            for a in (0, 1):
-                c, pos = ctx.coords[0, :, a], ctx.pos[0, :, a]
-                g = int(c.max()) + 1 if c.numel() else 1
-                # the position of row b of every image (the tokens of a row share it): pos_j itself
-                row_pos = pos.new_zeros(n, g).index_put_((img[patch], c[patch]), pos[patch])
-                dist = row_pos[img.clamp(min=0)] - pos.unsqueeze(-1)  # [S, g]: pos_j - pos_i, key in row b
+            for a in (0, 1):  # rows, then columns ("line": a row or a column)
+                coord, pos = ctx.coords[0, :, a], ctx.pos[0, :, a]
+                lines = int(coord.max()) + 1 if coord.numel() else 1
+                # the position of line b of every image, pos_j itself: positions are coords * scale + offset
+                # per image and axis (navit_pe/positions.py), so the tokens of one line share it bit for bit
+                line_pos = pos.new_zeros(n, lines).index_put_((img[patch], coord[patch]), pos[patch])
+                dist = line_pos[img.clamp(min=0)] - pos.unsqueeze(-1)  # [S, lines]: pos_j - pos_i, key in line b
                 entry = dist.round().long().clamp(-k, k) + k
                 entry = torch.cat([entry, torch.full_like(entry[:, :1], cls)], -1)  # the CLS key
                 entries.append(entry.masked_fill(is_cls.unsqueeze(-1), cls).unsqueeze(1))  # a CLS query: all CLS
-                slot = torch.where(is_cls, g, c).masked_fill(img < 0, g + 1)  # padding: a dropped column
-                hots.append(F.one_hot(slot, g + 2)[:, :g + 1])
+                hot = F.one_hot(torch.where(is_cls, lines, coord), lines + 1)  # the CLS token at `lines`
+                hots.append(hot * (img >= 0).unsqueeze(-1))  # padding: none (its keys are masked anyway)
             hot = torch.cat(hots, -1).to(ctx.pos.dtype)
             hot = torch.stack([hot, hot], 1).unsqueeze(2)
             ctx.cache["relative_axes"] = (*entries, hot)
