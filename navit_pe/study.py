@@ -513,6 +513,27 @@ def is_stale(rec: dict, p: Protocol) -> bool:
     return reg is None or list(reg.args) != list(rec["regime"]["args"])
 
 
+def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict]) -> float | None:
+    """Estimated wall-clock seconds for the runs in `todo` at the pace of the recorded ones: a run
+    costs the mean (training epochs + sweep) of the recorded runs of its regime, or, for a regime
+    with none recorded yet, the mean seconds per epoch of all records times its epochs plus the
+    mean sweep. None without records."""
+    cost = [(r["spec"]["regime"], r.get("epoch_s", 0.0), len(r["epochs"]), r.get("sweep_s", 0.0)) for r in records]
+    if not cost or not sum(n for _, _, n, _ in cost):
+        return None
+    per_epoch = sum(e for _, e, _, _ in cost) / sum(n for _, _, n, _ in cost)
+    sweep = statistics.fmean(w for *_, w in cost)
+    total = 0.0
+    for spec in todo:
+        same = [e + w for reg, e, _, w in cost if reg == spec.regime]
+        total += statistics.fmean(same) if same else per_epoch * regime_epochs(p.regimes[spec.regime]) + sweep
+    return total
+
+
+def _hours(seconds: float | None) -> str:
+    return "" if seconds is None else f" (about {seconds / 3600:.1f} h at the pace of the recorded runs)"
+
+
 def select(p: Protocol, patterns: str | None) -> list[RunSpec]:
     if not patterns:
         return list(p.runs)
@@ -556,7 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else "to do"
                 cmd = train_command(p, s, Path(args.work) / p.name / s.name, "python")
                 print(f"{state:8s}  {s.name:32s}  {' '.join(cmd)}")
-            print(f"{sum(record_path(root, s).is_file() for s in specs)} of {len(specs)} recorded in {root / 'runs'}")
+            left = [s for s in specs if not record_path(root, s).is_file()]
+            print(f"{len(specs) - len(left)} of {len(specs)} recorded in {root / 'runs'}"
+                  f"{_hours(time_left(p, left, load_records(root)) if left else None)}")
             return 0
         if args.summary:
             paths = build_summary(root, p)
@@ -581,7 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"study: warning: {s.name} was recorded with other regime flags than {p.name} has now; "
                       f"delete {record_path(root, s)} to train it again", file=sys.stderr)
         todo = [s for s in specs if not record_path(root, s).is_file()]
-        print(f"study {p.name}: {len(specs) - len(todo)} of {len(specs)} runs recorded, {len(todo)} to do", flush=True)
+        print(f"study {p.name}: {len(specs) - len(todo)} of {len(specs)} runs recorded, {len(todo)} to do"
+              f"{_hours(time_left(p, todo, load_records(root)) if todo else None)}", flush=True)
         for i, s in enumerate(todo[:args.max_runs or None]):
             print(f"[{i + 1}/{len(todo)}] {s.name}", flush=True)
             rec = run_one(p, s, root, work)

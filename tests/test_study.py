@@ -132,6 +132,20 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
     assert "2 of 2 recorded" in capfd.readouterr().out
 
 
+def test_time_left_at_the_pace_of_the_recorded_runs():
+    """A run left to do costs the mean (epochs + sweep) of its regime's records, or, for a regime
+    with none, the records' mean seconds per epoch times its epochs plus their mean sweep."""
+    p = Protocol("fake", "a", {"mix": Regime("16:48", ("--epochs", "6"), "a"),
+                               "ref32_10ep": Regime("32", ("--epochs", "10"), "b")}, (), (32,), ())
+    assert study.time_left(p, [RunSpec("rope", "mix", 1)], []) is None
+    recs = [fake_record("rope", "mix", 0, {"both": {}}), fake_record("sincos", "mix", 0, {"both": {}})]
+    recs[0]["epochs"] *= 6  # 6 epochs of 105 s + 30 s sweep: 660 s
+    recs[0]["epoch_s"], recs[1]["epoch_s"] = 630.0, 210.0  # the other: 1 epoch of 210 s + 30 s: 240 s
+    # mix: (660 + 240) / 2 = 450; ref32_10ep: (630 + 210) / 7 epochs = 120 s an epoch, x 10 + 30 = 1230
+    left = [RunSpec("relative", "mix", 1), RunSpec("learned_1d", "ref32_10ep", 0)]
+    assert study.time_left(p, left, recs) == pytest.approx(450 + 1230)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--protocol", "nope"], "unknown protocol 'nope'; choose one of cpu-short, reference"),
     (["--only", "nothing*"], "matches no run of cpu-short"),
