@@ -58,6 +58,11 @@ def test_summary_from_fake_records(tmp_path):
     assert summary["train_s"] == pytest.approx(4 * 105 - 20) and summary["sweep_s"] == pytest.approx(120)
     md = (root / "summary.md").read_text()
     assert "| rope | 16:48 | extrapolate | 0,1,2 | 60.0 ± 10.0 |" in md
+    # the published 200-epoch figures beside our 32x32 cells (extrapolate or both), one column per regime
+    ref = {r["encoding"]: r for r in summary["reference_200ep"]}
+    assert ref["rope"]["published"] == 0.8849 and ref["rope"]["ours"]["mix"]["mean"] == pytest.approx(0.6)
+    assert ref["learned_1d"]["ours"]["ref32_10ep"]["mean"] == pytest.approx(0.63) and ref["sincos"]["ours"] == {}
+    assert "| rope | 88.49 | 60.0 ± 10.0 |  |" in md and "| learned_1d | 86.52 |  | 63.0 |" in md
     assert "| learned_1d | 0 | 63.00 | 59.55 | +3.45 | 80 |" in md
     with open(root / "summary.csv") as f:
         table = list(csv.DictReader(f))
