@@ -24,7 +24,8 @@ class NaViTConfig:
     #                          "auto": varlen, the faster layout for every encoding (kept so saved configs load)
     varlen_granularity: int = 0  # varlen: images whose lengths round up to the same multiple share a bucket;
     #                              0 (auto): 16 where attention is an explicit softmax (an encoding with a bias
-    #                              or value term: fewer, padded buckets), else 1 (exact lengths, flash kernel)
+    #                              that does not widen q, k, v: fewer, padded buckets), else 1 (exact lengths,
+    #                              flash kernel)
     # -- positional-encoding options (each encoding reads the ones it needs)
     pos_grid: int = 8  # learned_1d: side of the training grid its table is laid out on (8x8 = 32px / 4)
     max_grid: int = 16  # learned_2d, factorized: table side; positions beyond clamp to the last entry

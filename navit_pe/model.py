@@ -294,12 +294,13 @@ class NaViT(nn.Module):
         return self.head(self._pool(h, ctx, n))
 
     # explicit-softmax buckets rounded up to this many tokens: one bucket per ~16 lengths instead of one
-    # per length; for relative / fire_2d / alibi_2d 13-25 % faster a default-mix step (2 threads, bf16)
+    # per length; for fire_2d / alibi_2d 13-15 % faster a default-mix step (2 threads, bf16)
     EXPLICIT_GRANULARITY = 16
 
     def varlen_granularity(self) -> int:
         """The configured bucket granularity, or for 0 (auto) EXPLICIT_GRANULARITY where attention
-        is an explicit softmax (an encoding with a bias or value term) and 1 for the flash kernel."""
+        is an explicit softmax (`PosEncoding.explicit_softmax`: a bias or value term, not widened) and 1
+        for the flash kernel."""
         g = self.config.varlen_granularity
         if g:
             return g
