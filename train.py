@@ -17,7 +17,7 @@ from dataclasses import fields
 from navit_pe.launch import relaunch_cpu_multiprocess
 from navit_pe.posenc import POS_EMBEDS
 from navit_pe.cli import UsageError, check_out_dir
-from navit_pe.trainer import TrainConfig, TrainingError, check_config, check_data, train
+from navit_pe.trainer import Stopped, TrainConfig, TrainingError, check_config, check_data, train
 
 HELP = {  # one line per TrainConfig field: what it does and its unit (tests check every field has one)
     # -- data
@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:  # SIGTERM or SIGINT while training: checkpointed first
+        print(f"train.py: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume latest", file=sys.stderr)
         return 130

@@ -1,10 +1,15 @@
-"""Errors and checks shared by the command-line tools (train.py, eval_resolutions.py, sweeps).
+"""Errors, checks and child processes shared by the command-line tools (train.py,
+eval_resolutions.py, sweeps, the study).
 
 Bad input raises `UsageError`; each tool's `main` prints it as one line and exits 2.
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -24,3 +29,58 @@ def check_out_dir(run: Path, flag: str = "--out") -> Path:
         raise UsageError(f"cannot write to the output directory {run} ({e.strerror}); "
                          f"pass a writable {flag}") from None
     return run
+
+
+
+# children of run_child still running, and the last signal passed on to them (0: none)
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.RLock()  # re-entrant: the handler runs in the main thread, which may hold it
+_forwarding = {"on": False, "signum": 0}
+
+
+def _forward(signum, frame) -> None:
+    _forwarding["signum"] = signum
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+
+@contextmanager
+def forward_signals():
+    """While inside: SIGTERM and SIGINT are passed on to every child that run_child is waiting for,
+    in any thread, instead of acting on this process (train.py then checkpoints and stops).
+    Main thread only; elsewhere, or nested, it leaves the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread() or _forwarding["on"]:
+        yield
+        return
+    _forwarding.update(on=True, signum=0)
+    saved = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        _forwarding["on"] = False
+
+
+def signal_forwarded() -> int:
+    """The last signal passed on to the children since forward_signals began (0: none, or outside it)."""
+    return _forwarding["signum"] if _forwarding["on"] else 0
+
+
+def run_child(cmd: list[str], **popen_kw) -> tuple[int, int]:
+    """Run `cmd` and wait for it, inside forward_signals: a signal goes on to the child and this
+    process waits until the child has finished, instead of killing it as subprocess.call would.
+    Returns (its exit code, the last signal passed on or 0)."""
+    with forward_signals():
+        with _live_lock:
+            proc = subprocess.Popen(cmd, **popen_kw)
+            _live.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _live_lock:
+                _live.discard(proc)
+        return rc, signal_forwarded()

@@ -10,8 +10,9 @@ MULTI_CPU (gloo). Any other launch is left alone.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+
+from .cli import run_child
 
 DIST_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -52,4 +53,4 @@ def relaunch_cpu_multiprocess() -> None:
           f"torch.distributed.run", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            sys.argv[0], *sys.argv[1:]]
-    sys.exit(subprocess.call(cmd, env=env))
+    sys.exit(run_child(cmd, env=env)[0])  # a signal reaches the processes, which checkpoint and stop

@@ -32,12 +32,14 @@ import statistics
 import subprocess
 import sys
 import shutil
+import signal
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cli import UsageError, check_out_dir
+from .cli import UsageError, check_out_dir, forward_signals, run_child, signal_forwarded
 from .cpu import cpu_name
 from .posenc import POS_EMBEDS
 
@@ -164,18 +166,28 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _call(cmd: list[str], what: str, times: Path, key: str) -> None:
-    """Run a step of the study in the repository root, its output straight to the terminal. Its
-    wall-clock and CPU seconds are added to `times` (a JSON file in the run directory), so the
-    time of every attempt counts, interrupted ones included (as far as they got)."""
+def _call(cmd: list[str], what: str, times: Path, key: str, threads: int = 0, log: Path | None = None) -> None:
+    """Run a step of the study in the repository root, its output to the terminal or appended to
+    `log`, with `threads` CPU threads (0: as this process). Its wall-clock and CPU seconds are
+    added to `times` (a JSON file in the run directory), so the time of every attempt counts,
+    interrupted ones included (as far as they got)."""
+    if signal_forwarded():  # the study was asked to stop: start nothing new
+        raise KeyboardInterrupt
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     t0, c0 = time.perf_counter(), _children_cpu()
     try:
-        rc = subprocess.call(cmd, cwd=REPO)
+        if log is None:
+            rc, signum = run_child(cmd, cwd=REPO, env=env)  # a signal stops train.py after a checkpoint
+        else:
+            with open(log, "a") as out:
+                rc, signum = run_child(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     finally:
         spent = json.loads(times.read_text()) if times.is_file() else {}
         spent[f"{key}_wall_s"] = spent.get(f"{key}_wall_s", 0.0) + time.perf_counter() - t0
         spent[f"{key}_cpu_s"] = spent.get(f"{key}_cpu_s", 0.0) + _children_cpu() - c0
         write_json(times, spent)
+    if signum:
+        raise KeyboardInterrupt  # the study stops with its child
     if rc != 0:
         raise StudyError(f"{what} exited with code {rc}: {' '.join(cmd)}")
 
@@ -241,21 +253,28 @@ def record_path(root: Path, spec: RunSpec) -> Path:
 
 
 def run_one(p: Protocol, spec: RunSpec, root: Path, work: Path, python: str = sys.executable,
-            train_extra: Sequence[str] = (), sweep_extra: Sequence[str] = ()) -> dict:
-    """Train (or resume), sweep and record one run; returns the record."""
+            train_extra: Sequence[str] = (), sweep_extra: Sequence[str] = (), jobs: int = 1, threads: int = 0) -> dict:
+    """Train (or resume), sweep and record one run; returns the record. With jobs > 1 (runs side by
+    side, `threads` each) the output goes to the run directory's study.log."""
     run_dir = (work / spec.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit_id()
     if not (run_dir / "study_commit").is_file():  # the code the run started with
         (run_dir / "study_commit").write_text(commit + "\n")
     times = run_dir / "study_times.json"
+    log = run_dir / "study.log" if jobs > 1 else None
     tcmd = train_command(p, spec, run_dir, python, train_extra)
-    _call(tcmd, f"{spec.name}: train.py", times, "train")
-    check_complete(spec, run_dir, regime_epochs(p.regimes[spec.regime]))
+    epochs = regime_epochs(p.regimes[spec.regime])
+    try:  # trained already (stopped during its sweep): straight to the sweep
+        check_complete(spec, run_dir, epochs)
+    except StudyError:
+        _call(tcmd, f"{spec.name}: train.py", times, "train", threads, log)
+        check_complete(spec, run_dir, epochs)
     scmd = sweep_command(p, run_dir, python, sweep_extra)
     shutil.rmtree(run_dir / "sweep", ignore_errors=True)
-    _call(scmd, f"{spec.name}: eval_resolutions.py", times, "sweep")
+    _call(scmd, f"{spec.name}: eval_resolutions.py", times, "sweep", threads, log)
     record = make_record(p, spec, run_dir, tcmd, scmd, commit)
+    record.update(jobs=jobs, threads=threads or default_threads())  # the run's share of the machine
     write_json(record_path(root, spec), record)
     return record
 
@@ -533,11 +552,11 @@ def is_stale(rec: dict, p: Protocol) -> bool:
     return reg is None or list(reg.args) != list(rec["regime"]["args"])
 
 
-def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict]) -> float | None:
-    """Estimated wall-clock seconds for the runs in `todo` at the pace of the recorded ones: a run
-    costs the mean (training epochs + sweep) of the recorded runs of its regime, or, for a regime
-    with none recorded yet, the mean seconds per epoch of all records times its epochs plus the
-    mean sweep. None without records."""
+def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict], jobs: int = 1) -> float | None:
+    """Estimated wall-clock seconds for the runs in `todo` at the pace of the recorded ones, `jobs`
+    at a time: a run costs the mean (training epochs + sweep) of the recorded runs of its regime,
+    or, for a regime with none recorded yet, the mean seconds per epoch of all records times its
+    epochs plus the mean sweep; the sum is divided by `jobs`. None without records."""
     cost = [(r["spec"]["regime"], r.get("epoch_s", 0.0), len(r["epochs"]), r.get("sweep_s", 0.0)) for r in records]
     if not cost or not sum(n for _, _, n, _ in cost):
         return None
@@ -547,11 +566,28 @@ def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict]) -> 
     for spec in todo:
         same = [e + w for reg, e, _, w in cost if reg == spec.regime]
         total += statistics.fmean(same) if same else per_epoch * regime_epochs(p.regimes[spec.regime]) + sweep
-    return total
+    return total / jobs
 
 
-def _hours(seconds: float | None) -> str:
-    return "" if seconds is None else f" (about {seconds / 3600:.1f} h at the pace of the recorded runs)"
+def _hours(seconds: float | None, jobs: int = 1) -> str:
+    side = f", {jobs} side by side" if jobs > 1 else ""
+    return "" if seconds is None else f" (about {seconds / 3600:.1f} h at the pace of the recorded runs{side})"
+
+
+def resolve_jobs(jobs: str) -> int:
+    """--jobs: a positive number, or auto (2 on a CPU-only machine of at least 2 cores, else 1)."""
+    if jobs == "auto":
+        import torch
+
+        return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    if not jobs.isdigit() or int(jobs) < 1:
+        raise UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
+    return int(jobs)
+
+
+def default_threads() -> int:
+    """The CPU threads a child uses when not told otherwise (torch's default: OMP_NUM_THREADS or the cores)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
 def select(p: Protocol, patterns: str | None) -> list[RunSpec]:
@@ -574,6 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "go to WORK/<protocol>/ (default: the repository's runs/study/)")
     ap.add_argument("--only", default=None, help="comma list of run-name patterns, e.g. 'mix__rope__*' (default: all)")
     ap.add_argument("--max-runs", type=int, default=0, help="stop after recording this many runs (0: no limit)")
+    ap.add_argument("--jobs", default="auto",
+                    help="runs trained side by side, the CPU cores shared out among them; auto: 2 on a machine "
+                         "without a GPU and at least 2 cores (two 1-thread runs do ~1.6x the work of one 2-thread "
+                         "run on a 2-core CPU), else 1 (default: %(default)s)")
     ap.add_argument("--list", action="store_true", help="list the runs and whether each is recorded, then exit")
     ap.add_argument("--summary", action="store_true", help="only rebuild the summary from the records")
     ap.add_argument("--no-git-commit", action="store_true",
@@ -598,8 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmd = train_command(p, s, Path(args.work) / p.name / s.name, "python")
                 print(f"{state:8s}  {s.name:32s}  {' '.join(cmd)}")
             left = [s for s in specs if not record_path(root, s).is_file()]
+            jobs = resolve_jobs(args.jobs)
             print(f"{len(specs) - len(left)} of {len(specs)} recorded in {root / 'runs'}"
-                  f"{_hours(time_left(p, left, load_records(root)) if left else None)}")
+                  f"{_hours(time_left(p, left, load_records(root), jobs) if left else None, jobs)}")
             return 0
         if args.summary:
             paths = build_summary(root, p)
@@ -624,16 +665,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"study: warning: {s.name} was recorded with other regime flags than {p.name} has now; "
                       f"delete {record_path(root, s)} to train it again", file=sys.stderr)
         todo = [s for s in specs if not record_path(root, s).is_file()]
+        jobs = resolve_jobs(args.jobs)
         print(f"study {p.name}: {len(specs) - len(todo)} of {len(specs)} runs recorded, {len(todo)} to do"
-              f"{_hours(time_left(p, todo, load_records(root)) if todo else None)}", flush=True)
-        for i, s in enumerate(todo[:args.max_runs or None]):
-            print(f"[{i + 1}/{len(todo)}] {s.name}", flush=True)
-            rec = run_one(p, s, root, work)
-            build_summary(root, p)
-            print(f"[{i + 1}/{len(todo)}] {s.name}: test acc {rec['result']['test_acc']:.4f}, "
-                  f"train {rec['train_s'] / 60:.1f} min, sweep {rec['sweep_s'] / 60:.1f} min", flush=True)
-            if commit:
-                git_commit_dir(root, f"study {p.name}: {s.name} recorded (test acc {rec['result']['test_acc']:.4f})")
+              f"{_hours(time_left(p, todo, load_records(root), jobs) if todo else None, jobs)}", flush=True)
+        queue = list(enumerate(todo[:args.max_runs or None], 1))
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0  # 0: the children's default
+        running, failure = {}, None
+        with forward_signals(), ThreadPoolExecutor(jobs) as pool:  # Ctrl-C / kill: every train.py checkpoints
+            while queue or running:
+                while queue and len(running) < jobs and not (failure or signal_forwarded()):
+                    i, s = queue.pop(0)
+                    where = f" (output: {work / s.name / 'study.log'})" if jobs > 1 else ""
+                    print(f"[{i}/{len(todo)}] {s.name}{where}", flush=True)
+                    running[pool.submit(run_one, p, s, root, work, jobs=jobs, threads=threads)] = (i, s)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, s = running.pop(future)
+                    try:
+                        rec = future.result()
+                    except KeyboardInterrupt:
+                        continue
+                    except Exception as e:  # the others finish their runs first
+                        failure = failure or e
+                        continue
+                    build_summary(root, p)
+                    print(f"[{i}/{len(todo)}] {s.name}: test acc {rec['result']['test_acc']:.4f}, "
+                          f"train {rec['train_s'] / 60:.1f} min, sweep {rec['sweep_s'] / 60:.1f} min", flush=True)
+                    if commit:
+                        git_commit_dir(root, f"study {p.name}: {s.name} recorded "
+                                             f"(test acc {rec['result']['test_acc']:.4f})")
+        if failure is not None:
+            raise failure
+        if signal_forwarded():
+            raise KeyboardInterrupt
         if not todo and any(record_path(root, s).is_file() for s in specs):
             build_summary(root, p)
         return 0
@@ -652,4 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the study as Ctrl-C does, records kept
     sys.exit(main())

@@ -10,6 +10,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -267,6 +270,51 @@ def check_finite(loss: torch.Tensor, step: int, accelerator, run: Path) -> None:
                             f"lower --lr or set --grad-clip and start again")
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint: train.py exits 128 + the signal."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, which is checkpointed; "
+                         f"continue with --resume latest")
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While training, SIGTERM and SIGINT ask the run to stop after the current step, with a
+    checkpoint, so a killed run loses nothing; a second signal more than 2 s after the first
+    (not the same signal delivered twice, e.g. to a process group and by a parent) stops at once."""
+
+    def __init__(self):
+        self.signum, self.at, self.saved = 0, 0.0, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if not self.signum:
+            self.signum, self.at = signum, time.monotonic()
+            print(f"\n{signal.Signals(signum).name}: stopping after this step's checkpoint "
+                  f"(a second signal stops at once)", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.at > 2.0:
+            raise KeyboardInterrupt
+
+    def requested(self, accelerator) -> int:
+        """The signal that asks to stop (0: none), the same on every process: a signal to one
+        of them stops all after the same step."""
+        if accelerator.num_processes > 1:
+            flag = torch.tensor(self.signum, device=accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if not self.signum and flag.item():  # another process's signal: a request as if received here
+                self.signum, self.at = int(flag.item()), time.monotonic()
+        return self.signum
+
+
 def list_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first (incomplete ones are hidden .tmp directories)."""
     ckdir = run / "checkpoints"
@@ -443,7 +491,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.init_trackers("navit-pe", config={k: v for k, v in asdict(cfg).items() if v is not None})
     log = MetricsLog(run / "metrics.jsonl", main)
     accelerator.print(f"{cfg.pos_embed}: {sum(p.numel() for p in model.parameters()):,} parameters, {precision}, "
-                      f"{'compiled, ' if compiled else ''}{world} process(es), {len(train_set)} training images in {spe} steps/epoch "
+                      f"{'compiled, ' if compiled else ''}{world} process(es), {torch.get_num_threads()} thread(s), {len(train_set)} training images in {spe} steps/epoch "
                       f"(~{len(train_set) / spe:.0f} images a step), {cfg.epochs} epochs, data {ddir}")
 
     # -- loop (a resumed run that had already finished keeps its results)
@@ -453,108 +501,118 @@ def train(cfg: TrainConfig) -> dict:
     eta = None  # the time left, paced from the end of this process's first step (which compiles)
     eval_size = sampler if isinstance(sampler, TokenBudget) else (cfg.eval_res, cfg.eval_res)
     eval_name = cfg.resize if isinstance(sampler, TokenBudget) else f"{cfg.eval_res}x{cfg.eval_res}"
-    for epoch in range(progress.epoch, cfg.epochs):
-        model.train()
-        t_epoch = time.perf_counter()
-        start = progress.step_in_epoch  # > 0 when resumed inside this epoch: the plan goes straight there
-        batches = iter(train_loader(epoch, start)) if start < spe else iter(())
-        seen: list[int] = []  # this process's training images of this epoch (indices), from `start` on
-        bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not main, dynamic_ncols=True, leave=False)
-        t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
-        while progress.step_in_epoch < spe:
-            batch = next(batches).to(accelerator.device)
-            lr = lr_at(progress.global_step, total_steps, warmup, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            logits = model(batch)
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            try:
-                check_finite(loss, progress.global_step + 1, accelerator, run)
-            except TrainingError:
-                bar.close()  # the error goes on a line of its own, not after the bar
-                raise
-            accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:  # every process's trained extent: DDP would keep only rank 0's buffer
-                torch.distributed.all_reduce(unwrapped.pos.trained_extent, op=torch.distributed.ReduceOp.MAX)
-            progress.step_in_epoch += 1
-            progress.global_step += 1
+    stop = StopOnSignal()  # SIGTERM / SIGINT: stop after the current step, with a checkpoint (to the end)
+    with stop:
+        for epoch in range(progress.epoch, cfg.epochs):
+            model.train()
+            t_epoch = time.perf_counter()
+            start = progress.step_in_epoch  # > 0 when resumed inside this epoch: the plan goes straight there
+            batches = iter(train_loader(epoch, start)) if start < spe else iter(())
+            seen: list[int] = []  # this process's training images of this epoch (indices), from `start` on
+            bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not main, dynamic_ncols=True, leave=False)
+            t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
+            while progress.step_in_epoch < spe:
+                batch = next(batches).to(accelerator.device)
+                lr = lr_at(progress.global_step, total_steps, warmup, cfg.lr, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                logits = model(batch)
+                loss = F.cross_entropy(logits.float(), batch.labels)
+                try:
+                    check_finite(loss, progress.global_step + 1, accelerator, run)
+                except TrainingError:
+                    bar.close()  # the error goes on a line of its own, not after the bar
+                    raise
+                accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if world > 1:  # every process's trained extent: DDP would keep only rank 0's buffer
+                    torch.distributed.all_reduce(unwrapped.pos.trained_extent, op=torch.distributed.ReduceOp.MAX)
+                progress.step_in_epoch += 1
+                progress.global_step += 1
 
-            # -- throughput and metrics (this process's figures x processes)
-            seen += batch.sample_ids.tolist()
-            n_img += batch.num_images * world
-            per_image = batch.tokens_per_image()  # patches the model sees (after token dropping)
-            n_tok += int(torch.clamp(torch.round(per_image * (1 - cfg.token_drop)), min=1).sum()) * world
-            eff_sum += batch.efficiency()
-            loss_sum += loss.item()
-            n_steps += 1
-            bar.update(1)
-            if eta is None:
-                eta = RunETA(total_steps, progress.global_step)
-            elif eta.announce_at(progress.global_step):
-                accelerator.print(eta.summary(progress.global_step))
-            if progress.global_step % cfg.log_every == 0 or progress.step_in_epoch == spe:
-                dt = time.perf_counter() - t_last
-                row = dict(step=progress.global_step, epoch=epoch + progress.step_in_epoch / spe,
-                           loss=loss_sum / n_steps, lr=lr, images_per_s=n_img / dt, tokens_per_s=n_tok / dt,
-                           efficiency=eff_sum / n_steps)
-                log.write(**row)
-                accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=progress.global_step)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}",
-                                tok_s=f"{row['tokens_per_s']:.0f}", eff=f"{row['efficiency']:.1%}",
-                                run_left=format_duration(eta and eta.remaining(progress.global_step)))
-                t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
-            stopping = bool(cfg.stop_after) and progress.global_step >= cfg.stop_after
-            if progress.step_in_epoch < spe and progress.global_step % cfg.checkpoint_every == 0 and not stopping:
+                # -- throughput and metrics (this process's figures x processes)
+                seen += batch.sample_ids.tolist()
+                n_img += batch.num_images * world
+                per_image = batch.tokens_per_image()  # patches the model sees (after token dropping)
+                n_tok += int(torch.clamp(torch.round(per_image * (1 - cfg.token_drop)), min=1).sum()) * world
+                eff_sum += batch.efficiency()
+                loss_sum += loss.item()
+                n_steps += 1
+                bar.update(1)
+                if eta is None:
+                    eta = RunETA(total_steps, progress.global_step)
+                elif eta.announce_at(progress.global_step):
+                    accelerator.print(eta.summary(progress.global_step))
+                if progress.global_step % cfg.log_every == 0 or progress.step_in_epoch == spe:
+                    dt = time.perf_counter() - t_last
+                    row = dict(step=progress.global_step, epoch=epoch + progress.step_in_epoch / spe,
+                               loss=loss_sum / n_steps, lr=lr, images_per_s=n_img / dt, tokens_per_s=n_tok / dt,
+                               efficiency=eff_sum / n_steps)
+                    log.write(**row)
+                    accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=progress.global_step)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", eff=f"{row['efficiency']:.1%}",
+                                    run_left=format_duration(eta and eta.remaining(progress.global_step)))
+                    t_last, n_img, n_tok, eff_sum, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0, 0, 0.0
+                # a signal (asked on every process, every step) or --stop-after
+                stopping = bool(stop.requested(accelerator)) or (
+                    bool(cfg.stop_after) and progress.global_step >= cfg.stop_after)
+                if progress.step_in_epoch < spe and progress.global_step % cfg.checkpoint_every == 0 and not stopping:
+                    save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
+                if stopping:
+                    stopped = True
+                    break
+            bar.close()
+            del batches
+            if stopped:
                 save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
-            if stopping:
+                if not stop.signum:
+                    accelerator.print(f"stopped after step {progress.global_step} (--stop-after); "
+                                      f"continue with --resume latest")
+                break
+            train_time = time.perf_counter() - t_epoch
+            # -- the epoch's images over all processes: how many, and how many different ones
+            if world > 1:
+                everyone = [None] * world
+                torch.distributed.all_gather_object(everyone, seen)
+                seen = [i for part in everyone for i in part]
+            done_before = plan(epoch).order[:plan(epoch).bounds[min(start, spe)]]  # the steps before a resume
+            epoch_images, epoch_unique = len(seen) + len(done_before), len(set(seen) | set(done_before))
+
+            # -- evaluate at eval_res, every test image counted once over all processes
+            correct, total = evaluate(unwrapped, test_set, eval_size, accelerator=accelerator,
+                                      tokens_per_batch=max(8192, cfg.max_seq_len), mixed_precision=precision)
+            result = dict(epoch=epoch + 1, step=progress.global_step, test_acc=correct / max(1, total),
+                          test_correct=correct, test_images=total, eval_res=cfg.resize or cfg.eval_res,
+                          epoch_images=epoch_images, epoch_unique_images=epoch_unique,
+                          epoch_train_s=train_time, epoch_s=time.perf_counter() - t_epoch)
+            log.write(**result)
+            accelerator.log({"test/acc": result["test_acc"]}, step=progress.global_step)
+            accelerator.print(f"epoch {epoch + 1}/{cfg.epochs}: test acc {result['test_acc']:.4f} "
+                              f"({correct}/{total} at {eval_name}), {epoch_images} training images, "
+                              f"{train_time:.0f} s training")
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
+            if progress.epoch < cfg.epochs and stop.requested(accelerator):  # asked during the evaluation
                 stopped = True
                 break
-        bar.close()
-        del batches
-        if stopped:
-            save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
-            accelerator.print(f"stopped after step {progress.global_step} (--stop-after); "
-                              f"continue with --resume latest")
-            break
-        train_time = time.perf_counter() - t_epoch
-        # -- the epoch's images over all processes: how many, and how many different ones
+
+        # -- end: the final model, rebuildable from config.json + model.safetensors alone
         if world > 1:
-            everyone = [None] * world
-            torch.distributed.all_gather_object(everyone, seen)
-            seen = [i for part in everyone for i in part]
-        done_before = plan(epoch).order[:plan(epoch).bounds[min(start, spe)]]  # the steps before a resume
-        epoch_images, epoch_unique = len(seen) + len(done_before), len(set(seen) | set(done_before))
-
-        # -- evaluate at eval_res, every test image counted once over all processes
-        correct, total = evaluate(unwrapped, test_set, eval_size, accelerator=accelerator,
-                                  tokens_per_batch=max(8192, cfg.max_seq_len), mixed_precision=precision)
-        result = dict(epoch=epoch + 1, step=progress.global_step, test_acc=correct / max(1, total),
-                      test_correct=correct, test_images=total, eval_res=cfg.resize or cfg.eval_res,
-                      epoch_images=epoch_images, epoch_unique_images=epoch_unique,
-                      epoch_train_s=train_time, epoch_s=time.perf_counter() - t_epoch)
-        log.write(**result)
-        accelerator.log({"test/acc": result["test_acc"]}, step=progress.global_step)
-        accelerator.print(f"epoch {epoch + 1}/{cfg.epochs}: test acc {result['test_acc']:.4f} "
-                          f"({correct}/{total} at {eval_name}), {epoch_images} training images, "
-                          f"{train_time:.0f} s training")
-        progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
-
-    # -- end: the final model, rebuildable from config.json + model.safetensors alone
-    if world > 1:
-        print(f"rank {accelerator.process_index}: {progress.global_step} steps", flush=True)
-    accelerator.wait_for_everyone()
-    if not stopped and main:
-        unwrapped.save_pretrained(run)
-        tmp = run / "results.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(run / "results.json")
-        accelerator.print(f"saved {run / 'model.safetensors'} and {run / 'config.json'}")
-    log.close()
-    accelerator.end_training()
-    return result
+            print(f"rank {accelerator.process_index}: {progress.global_step} steps", flush=True)
+        accelerator.wait_for_everyone()
+        if not stopped and main:
+            unwrapped.save_pretrained(run)
+            tmp = run / "results.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(run / "results.json")
+            accelerator.print(f"saved {run / 'model.safetensors'} and {run / 'config.json'}")
+        log.close()
+        accelerator.end_training()
+        if stopped and stop.signum:
+            raise Stopped(stop.signum, progress.global_step)
+        return result

@@ -1,5 +1,6 @@
 """Resume is exact wherever the run stopped: a stop inside an epoch, a stop exactly at an epoch
-boundary, and a SIGKILL after a periodic checkpoint all end with the weights of the uninterrupted
+boundary, a SIGTERM or SIGINT (checkpointed on the spot) and a SIGKILL after a periodic
+checkpoint all end with the weights of the uninterrupted
 run of the same settings (dropout, token dropping and a learned encoding, so the data order, the
 schedule, the optimizer state and every RNG state must all come back)."""
 from __future__ import annotations
@@ -104,6 +105,43 @@ def test_sigkill_after_periodic_checkpoint_then_resume(tiny_shards, tmp_path, st
     assert sorted(p.name for p in ckdir.glob("step_*")) == ["step_00000002", "step_00000003", "step_00000004"]
     for ck in ckdir.glob("step_*"):  # every checkpoint that looks complete is complete
         assert (ck / "model.safetensors").is_file() and (ck / "custom_checkpoint_0.pkl").is_file()
+    assert run_train_py(tiny_args(tiny_shards, run, *RUN, "--resume", "latest")) == 0
+    final, initial, rows = straight
+    assert max_diff(weights(run), final) <= 1e-6
+    assert epoch_rows(run) == rows
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_the_step_then_resume(tiny_shards, tmp_path, straight, signum):
+    """SIGTERM / SIGINT during step 5 (no periodic checkpoint there): train.py finishes the step,
+    checkpoints it, says so in one line and exits 128 + the signal; --resume latest then ends with
+    the uninterrupted run's weights. The signal comes twice at once (to a process group and from
+    a parent): one request, not an abort."""
+    run = tmp_path / "signalled"
+    sender = (
+        "import os, runpy, signal, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from torch.optim.optimizer import register_optimizer_step_pre_hook\n"
+        "n = [0]\n"
+        "def hook(opt, args, kwargs):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 5:\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "register_optimizer_step_pre_hook(hook)\n"
+        "sys.argv = ['train.py'] + sys.argv[1:]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(tmp_path / "no-such-source")}
+    proc = subprocess.run([sys.executable, "-c", sender, *tiny_args(tiny_shards, run, *RUN)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"train.py: stopped by {signal.Signals(signum).name} after step 5, which is checkpointed; "
+                    f"continue with --resume latest")
+    assert not (run / "model.safetensors").exists()
+    assert (run / "checkpoints" / "step_00000005").is_dir()
+    assert max(int(r["step"]) for r in metrics(run)) == 5  # it stopped there, no step after
     assert run_train_py(tiny_args(tiny_shards, run, *RUN, "--resume", "latest")) == 0
     final, initial, rows = straight
     assert max_diff(weights(run), final) <= 1e-6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,11 +89,16 @@ def tiny_protocol(data_root: Path) -> Protocol:
                     sweep_aspect=("16x32",))
 
 
-def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd, jobs):
+    """One run at a time (output to the terminal), or two side by side (one thread each, output to
+    each run's study.log)."""
     p = tiny_protocol(tiny_shards.parent)
     monkeypatch.setitem(study.PROTOCOLS, "tiny", lambda: p)
     results, work = tmp_path / "results", tmp_path / "work"
-    args = ["--protocol", "tiny", "--results", str(results), "--work", str(work), "--allow-dirty"]
+    args = ["--protocol", "tiny", "--results", str(results), "--work", str(work), "--allow-dirty", "--jobs", jobs]
+    if jobs == "2":  # the study, not this setting, must set each run's threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
     # an interrupted run: one step of rope, with a checkpoint and no results
     rope_dir = work / "tiny" / p.runs[0].name
     import subprocess
@@ -106,7 +112,8 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
     assert study.main(args) == 0
     out = capfd.readouterr().out
     assert "0 of 2 runs recorded, 2 to do" in out
-    assert f"resumed from {rope_dir / 'checkpoints'}" in out  # went on from the interrupted step
+    told = out if jobs == "1" else (rope_dir / "study.log").read_text()
+    assert f"resumed from {rope_dir / 'checkpoints'}" in told  # went on from the interrupted step
     for spec in p.runs:
         rec = json.loads((results / "tiny" / "runs" / f"{spec.name}.json").read_text())
         run_dir = work / "tiny" / spec.name
@@ -116,6 +123,10 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd):
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=study.REPO, capture_output=True, text=True).stdout
         assert rec["commit"].split("+")[0] == head.strip()
         assert rec["sweep_s"] > 0 and rec["train_s"] > 0 and rec["train_cpu_s"] > 0 and len(rec["epochs"]) == 1
+        assert rec["jobs"] == int(jobs)
+        if jobs == "2":  # the cores shared out: the run says how many threads it had
+            threads = max(1, (os.cpu_count() or 1) // 2)
+            assert rec["threads"] == threads and f", {threads} thread(s)," in (run_dir / "study.log").read_text()
         # the sweep at eval_res is train.py's own final accuracy
         mode = next(iter(rec["sweep"]["modes"].values()))
         assert mode["32x32"]["acc"] == pytest.approx(rec["result"]["test_acc"])
@@ -256,3 +267,62 @@ def test_cpu_short_protocol_covers_the_issue():
     (reg,) = ref.regimes.values()
     assert study.regime_epochs(reg) == 200 and flag(reg, "--randaug-ops") is None  # train.py's RandAugment default
     assert flag(reg, "--batch-images") == "128"
+
+
+def test_a_signal_goes_to_the_child_and_the_study_waits_for_it(tmp_path):
+    """SIGTERM to the study while train.py runs: passed on to the child once, the study waits until
+    the child has finished (train.py's checkpoint) instead of killing it, counts the time, then
+    stops; its own SIGTERM handler is back afterwards."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    ready, log = tmp_path / "ready", tmp_path / "log"
+    child = ("import pathlib, signal, sys, time\n"
+             "got = []\n"
+             "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+             f"pathlib.Path({str(ready)!r}).write_text('1')\n"
+             "t = time.monotonic()\n"
+             "while not got and time.monotonic() - t < 20: time.sleep(0.01)\n"
+             "time.sleep(0.3)\n"  # the checkpoint, which the study must wait for
+             f"pathlib.Path({str(log)!r}).write_text(str(len(got)))\n"
+             "sys.exit(143)\n")
+
+    def send():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def ours(signum, frame):  # stands for the study's own handler (and keeps pytest alive)
+        raise AssertionError("the study's handler ran instead of passing the signal on")
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        threading.Thread(target=send, daemon=True).start()
+        times = tmp_path / "times.json"
+        with pytest.raises(KeyboardInterrupt):
+            study._call([sys.executable, "-c", child], "child", times, "train")
+        assert log.read_text() == "1"  # the child got the signal once and finished its work
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert json.loads(times.read_text())["train_wall_s"] >= 0.3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_trained_run_goes_straight_to_the_sweep(tiny_shards, tmp_path, monkeypatch):
+    """A run whose training finished but whose sweep or record did not (stopped in between):
+    the next call sweeps and records it without starting train.py again."""
+    import subprocess
+    import sys
+
+    p = tiny_protocol(tiny_shards.parent)
+    spec, work = p.runs[1], tmp_path / "work"
+    cmd = study.train_command(p, spec, work / spec.name, sys.executable)
+    assert subprocess.run(cmd, cwd=study.REPO, capture_output=True).returncode == 0
+    calls, call = [], study._call
+    monkeypatch.setattr(study, "_call", lambda cmd, what, *a: (calls.append(what), call(cmd, what, *a)))
+    rec = study.run_one(p, spec, tmp_path / "results", work)
+    assert calls == [f"{spec.name}: eval_resolutions.py"]
+    assert rec["result"] == json.loads((work / spec.name / "results.json").read_text())

@@ -1,9 +1,10 @@
-"""train.py end to end on tiny shards: smoke run, resume settings, 2 processes (resume == uninterrupted
-and SIGKILL: tests/test_resume.py)."""
+"""train.py end to end on tiny shards: smoke run, resume settings, 2 processes and a signal to one of
+them (resume == uninterrupted, after a stop, a signal or SIGKILL: tests/test_resume.py)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,66 @@ def test_two_processes(tiny_shards, tmp_path):
     assert [(r["epoch_images"], r["epoch_unique_images"]) for r in evals] == [(60, 60), (60, 60)]
     assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 8  # both ranks: 4 steps an epoch
     assert (run / "model.safetensors").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    """Every process whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    found = _children(pid)
+    return found + [d for c in found for d in _descendants(c)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_two_processes_stop_together_on_a_signal_to_one(tiny_shards, tmp_path):
+    """SIGTERM to one of two training processes: both stop after the same step (the request is
+    shared, or the other would wait in its next all-reduce for ever), that step is checkpointed,
+    and the launch exits non-zero."""
+    import signal
+    import time
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(tmp_path / "no-such-source")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "train.py",
+           "--data-root", str(tiny_shards.parent), "--out", str(run), *TINY, "--epochs", "500",
+           "--pos-embed", "rope", "--num-workers", "0", "--checkpoint-every", "1000",
+           "--compile", "no"]  # no recompiles of new shapes: a step takes well under a second
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
+            time.sleep(0.2)
+        workers = [p for p in _descendants(proc.pid) if "torch.distributed.run" in _cmdline(
+            int((Path("/proc") / str(p) / "stat").read_text().rsplit(")", 1)[1].split()[1]))]
+        assert len(workers) == 2, [_cmdline(p) for p in _descendants(proc.pid)]
+        os.kill(workers[1], signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a hang: the workers run in sessions of their own, kill them too
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    steps = dict(re.findall(r"rank (\d): (\d+) steps", out))  # the lines of two processes may run together
+    assert sorted(steps) == ["0", "1"] and steps["0"] == steps["1"], out[-3000:]
+    n = int(steps["0"])
+    assert f"stopped by SIGTERM after step {n}, which is checkpointed" in out
+    assert (run / "checkpoints" / f"step_{n:08d}").is_dir() and not (run / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("args, match", [
