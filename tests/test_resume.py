@@ -80,11 +80,10 @@ def test_resume_equals_uninterrupted(tiny_shards, tmp_path, straight, stop, wher
     assert [r["epoch_images"] for r in rows] == [48, 48]  # 3 steps of 16 images an epoch
 
 
-def test_sigkill_after_periodic_checkpoint_then_resume(tiny_shards, tmp_path, straight):
-    """A real SIGKILL (no cleanup) during step 5, after the checkpoint of step 4 (a periodic one,
-    inside epoch 2); --resume latest then ends with the uninterrupted run's weights."""
-    run = tmp_path / "killed"
-    killer = (  # train.py in a process that kills itself with SIGKILL before its 5th optimizer step
+def train_py_signalling_itself(data, run, tmp_path, signum: int, times: int = 1) -> subprocess.CompletedProcess:
+    """train.py (the RUN settings) in a process that sends itself `signum`, `times` times at once,
+    before its 5th optimizer step."""
+    script = (
         "import os, runpy, signal, sys, torch\n"
         "torch.set_num_threads(1)\n"  # as in this process (tests/inproc.py): the same arithmetic
         "from torch.optim.optimizer import register_optimizer_step_pre_hook\n"
@@ -92,13 +91,21 @@ def test_sigkill_after_periodic_checkpoint_then_resume(tiny_shards, tmp_path, st
         "def hook(opt, args, kwargs):\n"
         "    n[0] += 1\n"
         "    if n[0] == 5:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"        for _ in range({times}):\n"
+        f"            os.kill(os.getpid(), {int(signum)})\n"
         "register_optimizer_step_pre_hook(hook)\n"
         "sys.argv = ['train.py'] + sys.argv[1:]\n"
         "runpy.run_path('train.py', run_name='__main__')\n")
     env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(tmp_path / "no-such-source")}
-    proc = subprocess.run([sys.executable, "-c", killer, *tiny_args(tiny_shards, run, *RUN)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-c", script, *tiny_args(data, run, *RUN)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
+
+
+def test_sigkill_after_periodic_checkpoint_then_resume(tiny_shards, tmp_path, straight):
+    """A real SIGKILL (no cleanup) during step 5, after the checkpoint of step 4 (a periodic one,
+    inside epoch 2); --resume latest then ends with the uninterrupted run's weights."""
+    run = tmp_path / "killed"
+    proc = train_py_signalling_itself(tiny_shards, run, tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (run / "model.safetensors").exists()
     ckdir = run / "checkpoints"
@@ -118,22 +125,7 @@ def test_signal_checkpoints_the_step_then_resume(tiny_shards, tmp_path, straight
     the uninterrupted run's weights. The signal comes twice at once (to a process group and from
     a parent): one request, not an abort."""
     run = tmp_path / "signalled"
-    sender = (
-        "import os, runpy, signal, sys, torch\n"
-        "torch.set_num_threads(1)\n"
-        "from torch.optim.optimizer import register_optimizer_step_pre_hook\n"
-        "n = [0]\n"
-        "def hook(opt, args, kwargs):\n"
-        "    n[0] += 1\n"
-        "    if n[0] == 5:\n"
-        f"        os.kill(os.getpid(), {int(signum)})\n"
-        f"        os.kill(os.getpid(), {int(signum)})\n"
-        "register_optimizer_step_pre_hook(hook)\n"
-        "sys.argv = ['train.py'] + sys.argv[1:]\n"
-        "runpy.run_path('train.py', run_name='__main__')\n")
-    env = {**os.environ, "NAVIT_PE_CIFAR_SOURCE": str(tmp_path / "no-such-source")}
-    proc = subprocess.run([sys.executable, "-c", sender, *tiny_args(tiny_shards, run, *RUN)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = train_py_signalling_itself(tiny_shards, run, tmp_path, signum, times=2)
     assert proc.returncode == 128 + signum, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
