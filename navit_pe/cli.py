@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -29,6 +30,7 @@ def check_out_dir(run: Path, flag: str = "--out") -> Path:
         raise UsageError(f"cannot write to the output directory {run} ({e.strerror}); "
                          f"pass a writable {flag}") from None
     return run
+
 
 
 
@@ -66,21 +68,33 @@ def forward_signals():
 
 
 def signal_forwarded() -> int:
-    """The last signal passed on to the children since forward_signals began (0: none, or outside it)."""
+    """The last signal passed on to the children in the current forward_signals (0: none, or outside it)."""
     return _forwarding["signum"] if _forwarding["on"] else 0
 
 
-def run_child(cmd: list[str], **popen_kw) -> tuple[int, int]:
+@dataclass
+class ChildResult:
+    returncode: int
+    signum: int  # the last signal passed on while it ran (0: none)
+    cpu_s: float  # its CPU seconds (user + system), its own waited-for children included
+
+
+def run_child(cmd: list[str], **popen_kw) -> ChildResult:
     """Run `cmd` and wait for it, inside forward_signals: a signal goes on to the child and this
-    process waits until the child has finished, instead of killing it as subprocess.call would.
-    Returns (its exit code, the last signal passed on or 0)."""
+    process waits until the child has finished, instead of killing it as subprocess.call would."""
     with forward_signals():
         with _live_lock:
             proc = subprocess.Popen(cmd, **popen_kw)
             _live.add(proc)
+            if signal_forwarded():  # it came while the child was starting
+                proc.send_signal(signal_forwarded())
         try:
-            rc = proc.wait()
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not its siblings'
+            proc.returncode = os.waitstatus_to_exitcode(status)
         finally:
             with _live_lock:
                 _live.discard(proc)
-        return rc, signal_forwarded()
+            if proc.returncode is None:  # interrupted by an exception: do not leave it behind
+                proc.kill()
+                proc.wait()
+        return ChildResult(proc.returncode, signal_forwarded(), usage.ru_utime + usage.ru_stime)

@@ -49,8 +49,11 @@ def relaunch_cpu_multiprocess() -> None:
         return
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    # on a signal torchrun passes it on, then kills the processes after this many seconds: give
+    # them time to finish the step, an evaluation and the checkpoint
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     print(f"accelerate runs CPU processes only through MPI; starting {n} processes with "
           f"torch.distributed.run", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            sys.argv[0], *sys.argv[1:]]
-    sys.exit(run_child(cmd, env=env)[0])  # a signal reaches the processes, which checkpoint and stop
+    sys.exit(run_child(cmd, env=env).returncode)  # a signal reaches the processes, which checkpoint and stop

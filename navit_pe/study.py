@@ -20,6 +20,7 @@ any time; model weights stay under runs/ (ignored by git) and are not needed by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import fnmatch
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -161,11 +161,6 @@ def sweep_command(p: Protocol, run_dir: Path, python: str, extra: Sequence[str] 
             ",".join(p.sweep_aspect), "--pos-mode", ",".join(p.modes), "--out", str(run_dir / "sweep"), *extra]
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def _call(cmd: list[str], what: str, times: Path, key: str, threads: int = 0, log: Path | None = None) -> None:
     """Run a step of the study in the repository root, its output to the terminal or appended to
     `log`, with `threads` CPU threads (0: as this process). Its wall-clock and CPU seconds are
@@ -174,22 +169,18 @@ def _call(cmd: list[str], what: str, times: Path, key: str, threads: int = 0, lo
     if signal_forwarded():  # the study was asked to stop: start nothing new
         raise KeyboardInterrupt
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    t0, c0 = time.perf_counter(), _children_cpu()
-    try:
-        if log is None:
-            rc, signum = run_child(cmd, cwd=REPO, env=env)  # a signal stops train.py after a checkpoint
-        else:
-            with open(log, "a") as out:
-                rc, signum = run_child(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    finally:
-        spent = json.loads(times.read_text()) if times.is_file() else {}
-        spent[f"{key}_wall_s"] = spent.get(f"{key}_wall_s", 0.0) + time.perf_counter() - t0
-        spent[f"{key}_cpu_s"] = spent.get(f"{key}_cpu_s", 0.0) + _children_cpu() - c0
-        write_json(times, spent)
-    if signum:
-        raise KeyboardInterrupt  # the study stops with its child
-    if rc != 0:
-        raise StudyError(f"{what} exited with code {rc}: {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    with open(log, "a") if log else contextlib.nullcontext() as out:
+        kw = dict(stdout=out, stderr=subprocess.STDOUT) if out else {}
+        child = run_child(cmd, cwd=REPO, env=env, **kw)  # a signal stops train.py after a checkpoint
+    spent = json.loads(times.read_text()) if times.is_file() else {}
+    spent[f"{key}_wall_s"] = spent.get(f"{key}_wall_s", 0.0) + time.perf_counter() - t0
+    spent[f"{key}_cpu_s"] = spent.get(f"{key}_cpu_s", 0.0) + child.cpu_s
+    write_json(times, spent)
+    if child.returncode != 0 and child.signum:
+        raise KeyboardInterrupt  # stopped by the signal: the study stops too
+    if child.returncode != 0:
+        raise StudyError(f"{what} exited with code {child.returncode}: {' '.join(cmd)}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -252,10 +243,10 @@ def record_path(root: Path, spec: RunSpec) -> Path:
     return root / "runs" / f"{spec.name}.json"
 
 
-def run_one(p: Protocol, spec: RunSpec, root: Path, work: Path, python: str = sys.executable,
+def run_one(p: Protocol, spec: RunSpec, work: Path, python: str = sys.executable,
             train_extra: Sequence[str] = (), sweep_extra: Sequence[str] = (), jobs: int = 1, threads: int = 0) -> dict:
-    """Train (or resume), sweep and record one run; returns the record. With jobs > 1 (runs side by
-    side, `threads` each) the output goes to the run directory's study.log."""
+    """Train (or resume) and sweep one run; returns its record (written by the caller). With
+    jobs > 1 (runs side by side, `threads` each) the output goes to the run directory's study.log."""
     run_dir = (work / spec.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit_id()
@@ -264,18 +255,13 @@ def run_one(p: Protocol, spec: RunSpec, root: Path, work: Path, python: str = sy
     times = run_dir / "study_times.json"
     log = run_dir / "study.log" if jobs > 1 else None
     tcmd = train_command(p, spec, run_dir, python, train_extra)
-    epochs = regime_epochs(p.regimes[spec.regime])
-    try:  # trained already (stopped during its sweep): straight to the sweep
-        check_complete(spec, run_dir, epochs)
-    except StudyError:
-        _call(tcmd, f"{spec.name}: train.py", times, "train", threads, log)
-        check_complete(spec, run_dir, epochs)
+    _call(tcmd, f"{spec.name}: train.py", times, "train", threads, log)  # checks the settings of a resumed run
+    check_complete(spec, run_dir, regime_epochs(p.regimes[spec.regime]))
     scmd = sweep_command(p, run_dir, python, sweep_extra)
     shutil.rmtree(run_dir / "sweep", ignore_errors=True)
     _call(scmd, f"{spec.name}: eval_resolutions.py", times, "sweep", threads, log)
     record = make_record(p, spec, run_dir, tcmd, scmd, commit)
     record.update(jobs=jobs, threads=threads or default_threads())  # the run's share of the machine
-    write_json(record_path(root, spec), record)
     return record
 
 
@@ -579,15 +565,20 @@ def resolve_jobs(jobs: str) -> int:
     if jobs == "auto":
         import torch
 
-        return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+        return 1 if torch.cuda.is_available() else min(2, cores())
     if not jobs.isdigit() or int(jobs) < 1:
         raise UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
     return int(jobs)
 
 
+def cores() -> int:
+    """The CPU cores this process may use (its affinity, e.g. a container's share), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """The CPU threads a child uses when not told otherwise (torch's default: OMP_NUM_THREADS or the cores)."""
-    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return int(os.environ.get("OMP_NUM_THREADS") or cores())
 
 
 def select(p: Protocol, patterns: str | None) -> list[RunSpec]:
@@ -669,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"study {p.name}: {len(specs) - len(todo)} of {len(specs)} runs recorded, {len(todo)} to do"
               f"{_hours(time_left(p, todo, load_records(root), jobs) if todo else None, jobs)}", flush=True)
         queue = list(enumerate(todo[:args.max_runs or None], 1))
-        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0  # 0: the children's default
+        threads = max(1, cores() // jobs) if jobs > 1 else 0  # 0: the children's default
         running, failure = {}, None
         with forward_signals(), ThreadPoolExecutor(jobs) as pool:  # Ctrl-C / kill: every train.py checkpoints
             while queue or running:
@@ -677,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     i, s = queue.pop(0)
                     where = f" (output: {work / s.name / 'study.log'})" if jobs > 1 else ""
                     print(f"[{i}/{len(todo)}] {s.name}{where}", flush=True)
-                    running[pool.submit(run_one, p, s, root, work, jobs=jobs, threads=threads)] = (i, s)
+                    running[pool.submit(run_one, p, s, work, jobs=jobs, threads=threads)] = (i, s)
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -690,15 +681,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except Exception as e:  # the others finish their runs first
                         failure = failure or e
                         continue
+                    write_json(record_path(root, s), rec)  # here, not in the run's thread: git sees whole files
                     build_summary(root, p)
                     print(f"[{i}/{len(todo)}] {s.name}: test acc {rec['result']['test_acc']:.4f}, "
                           f"train {rec['train_s'] / 60:.1f} min, sweep {rec['sweep_s'] / 60:.1f} min", flush=True)
                     if commit:
                         git_commit_dir(root, f"study {p.name}: {s.name} recorded "
                                              f"(test acc {rec['result']['test_acc']:.4f})")
+            stopped = signal_forwarded()  # read while forwarding is on (it reads 0 outside)
         if failure is not None:
             raise failure
-        if signal_forwarded():
+        if stopped:
             raise KeyboardInterrupt
         if not todo and any(record_path(root, s).is_file() for s in specs):
             build_summary(root, p)

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -270,6 +269,12 @@ def check_finite(loss: torch.Tensor, step: int, accelerator, run: Path) -> None:
                             f"lower --lr or set --grad-clip and start again")
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the training process (which stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Stopped(Exception):
     """SIGTERM or SIGINT stopped the run after a checkpoint: train.py exits 128 + the signal."""
 
@@ -299,8 +304,9 @@ class StopOnSignal:
     def handle(self, signum: int, frame) -> None:
         if not self.signum:
             self.signum, self.at = signum, time.monotonic()
-            print(f"\n{signal.Signals(signum).name}: stopping after this step's checkpoint "
-                  f"(a second signal stops at once)", file=sys.stderr, flush=True)
+            # os.write, not print: a handler must not re-enter a buffered write it interrupted
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step's checkpoint "
+                        f"(a second signal stops at once)\n".encode())
         elif time.monotonic() - self.at > 2.0:
             raise KeyboardInterrupt
 
@@ -458,7 +464,7 @@ def train(cfg: TrainConfig) -> dict:
         batches = TrainBatches(train_set, plan(epoch), sampler, transform, cfg.patch_size, cfg.max_seq_len, cls,
                                cfg.seed, epoch, start, rank, world)
         # an explicit generator: creating the loader must not draw from the global RNG (resume)
-        return DataLoader(batches, batch_size=None, num_workers=workers,
+        return DataLoader(batches, batch_size=None, num_workers=workers, worker_init_fn=ignore_stop_signals,
                           generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
@@ -597,7 +603,8 @@ def train(cfg: TrainConfig) -> dict:
                               f"{train_time:.0f} s training")
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             save_checkpoint(accelerator, run, progress.global_step, cfg.keep_checkpoints)
-            if progress.epoch < cfg.epochs and stop.requested(accelerator):  # asked during the evaluation
+            # asked during the evaluation (a condition the same on every rank: they call requested() alike)
+            if progress.epoch < cfg.epochs and stop.requested(accelerator):
                 stopped = True
                 break
 

@@ -125,7 +125,7 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd, job
         assert rec["sweep_s"] > 0 and rec["train_s"] > 0 and rec["train_cpu_s"] > 0 and len(rec["epochs"]) == 1
         assert rec["jobs"] == int(jobs)
         if jobs == "2":  # the cores shared out: the run says how many threads it had
-            threads = max(1, (os.cpu_count() or 1) // 2)
+            threads = max(1, study.cores() // 2)
             assert rec["threads"] == threads and f", {threads} thread(s)," in (run_dir / "study.log").read_text()
         # the sweep at eval_res is train.py's own final accuracy
         mode = next(iter(rec["sweep"]["modes"].values()))
@@ -311,18 +311,42 @@ def test_a_signal_goes_to_the_child_and_the_study_waits_for_it(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_trained_run_goes_straight_to_the_sweep(tiny_shards, tmp_path, monkeypatch):
-    """A run whose training finished but whose sweep or record did not (stopped in between):
-    the next call sweeps and records it without starting train.py again."""
-    import subprocess
-    import sys
 
-    p = tiny_protocol(tiny_shards.parent)
-    spec, work = p.runs[1], tmp_path / "work"
-    cmd = study.train_command(p, spec, work / spec.name, sys.executable)
-    assert subprocess.run(cmd, cwd=study.REPO, capture_output=True).returncode == 0
-    calls, call = [], study._call
-    monkeypatch.setattr(study, "_call", lambda cmd, what, *a: (calls.append(what), call(cmd, what, *a)))
-    rec = study.run_one(p, spec, tmp_path / "results", work)
-    assert calls == [f"{spec.name}: eval_resolutions.py"]
-    assert rec["result"] == json.loads((work / spec.name / "results.json").read_text())
+def test_a_signal_stops_the_study_and_every_run_checkpoints(tiny_shards, tmp_path, monkeypatch, capfd):
+    """SIGTERM to the study with two runs side by side: both train.py checkpoint the step they are
+    in and stop, nothing is recorded, and the study exits 130 saying how to go on."""
+    import os
+    import signal
+    import threading
+    import time
+
+    slow = ("--data-root", str(tiny_shards.parent), "--epochs", "1", "--steps-per-epoch", "1000", "--dim", "32",
+            "--depth", "1", "--heads", "2", "--batch-images", "16", "--train-res", "16:32", "--randaug-ops", "0",
+            "--checkpoint-every", "1000", "--compile", "no", "--log-every", "1")
+    p = Protocol("tiny", "a slow tiny protocol", {"mix": Regime("16:32", slow, "tiny")},
+                 (RunSpec("rope", "mix", 0), RunSpec("learned_1d", "mix", 0), RunSpec("sincos", "mix", 0)),
+                 sweep_res=(16,), sweep_aspect=())
+    monkeypatch.setitem(study.PROTOCOLS, "tiny", lambda: p)
+    results, work = tmp_path / "results", tmp_path / "work"
+    runs = [work / "tiny" / s.name for s in p.runs[:2]]
+
+    def send():  # once both runs have taken a few steps
+        t = time.monotonic()
+        while time.monotonic() - t < 120 and not all(
+                (r / "metrics.jsonl").is_file() and len((r / "metrics.jsonl").read_text().splitlines()) >= 3
+                for r in runs):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
+    rc = study.main(["--protocol", "tiny", "--results", str(results), "--work", str(work), "--allow-dirty",
+                     "--jobs", "2"])
+    err = capfd.readouterr().err
+    assert rc == 130 and "study: interrupted; run the same command again to continue" in err
+    assert not list(results.glob("tiny/runs/*.json"))  # nothing recorded
+    for r in runs:
+        steps = [int(c.name.split("_")[1]) for c in (r / "checkpoints").glob("step_*")]
+        last = max(int(json.loads(x)["step"]) for x in (r / "metrics.jsonl").read_text().splitlines())
+        assert steps == [last] and 3 <= last < 1000  # the step it stopped at, checkpointed
+        assert "stopped by SIGTERM" in (r / "study.log").read_text()
+    assert not (work / "tiny" / p.runs[2].name).exists()  # the third run never started
