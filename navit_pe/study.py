@@ -4,9 +4,10 @@ from one command, resumable across sessions from the committed records alone.
     python -m navit_pe.study --protocol cpu-short              # train + sweep what is not recorded, then the summary
     python -m navit_pe.study --protocol cpu-short --list       # the runs, recorded or not, and the commands
     python -m navit_pe.study --protocol cpu-short --summary    # only rebuild the summary from the records
-    python -m navit_pe.study --protocol cpu-short --git-commit # commit each record and the summary as it is written
+    python -m navit_pe.study --protocol cpu-short --jobs 1     # one run at a time (auto: 2 side by side on a CPU)
 
-For every run of a protocol, in the protocol's order:
+Each record and the summary are committed as they are written (--no-git-commit: leave git alone).
+For every run of a protocol, in the protocol's order (--jobs runs at a time):
     1. train.py into runs/study/<protocol>/<run> with --resume latest (an interrupted run goes on
        from its newest checkpoint; a finished one returns at once);
     2. eval_resolutions.py over the protocol's sizes, in both test-time position modes;
@@ -14,8 +15,9 @@ For every run of a protocol, in the protocol's order:
        train config, the per-epoch metrics, the final result, the sweep and the times;
     4. the summary (`build_summary`), rebuilt from the records alone: results/<protocol>/summary.{md,csv,json}
        and two plots.
-A run that already has a record is skipped, so the command can be stopped and started again at
-any time; model weights stay under runs/ (ignored by git) and are not needed by the summary.
+A run that already has a record is skipped, so the command can be stopped (Ctrl-C, kill: every
+train.py checkpoints its step first) and started again at any time; model weights stay under
+runs/ (ignored by git) and are not needed by the summary.
 """
 from __future__ import annotations
 
