@@ -91,17 +91,17 @@ def test_two_processes(tiny_shards, tmp_path):
     assert (run / "model.safetensors").is_file()
 
 
+def _parent(pid: int) -> int:
+    """The parent of process `pid` (from /proc), -1 if it is gone."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
 def _children(pid: int) -> list[int]:
-    """Every process whose parent is `pid` (from /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+    """Every process whose parent is `pid`."""
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if _parent(int(p.name)) == pid]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -134,8 +134,7 @@ def test_two_processes_stop_together_on_a_signal_to_one(tiny_shards, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
             time.sleep(0.2)
-        workers = [p for p in _descendants(proc.pid) if "torch.distributed.run" in _cmdline(
-            int((Path("/proc") / str(p) / "stat").read_text().rsplit(")", 1)[1].split()[1]))]
+        workers = [p for p in _descendants(proc.pid) if "torch.distributed.run" in _cmdline(_parent(p))]
         assert len(workers) == 2, [_cmdline(p) for p in _descendants(proc.pid)]
         os.kill(workers[1], signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
