@@ -9,6 +9,8 @@ its metrics.jsonl. The older commit is checked out into a temporary git worktree
 
     python bench/train_speed.py                                   # against 267bfa3, 2 rounds
     python bench/train_speed.py --rounds 3 --out results/bench/train_speed.json
+    python bench/train_speed.py --new-processes 2                 # this checkout as 2 CPU processes
+                                                                  # (accelerate launch, the cores shared out)
 """
 from __future__ import annotations
 
@@ -39,11 +41,15 @@ def code_version() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
-def one_run(code: Path, data_root: Path, args: list[str], steps: int, warmup: int, log_every: int) -> dict:
-    """Train `steps` steps with the train.py in `code`; images/s over the steps after `warmup`."""
+def one_run(code: Path, data_root: Path, args: list[str], steps: int, warmup: int, log_every: int,
+            processes: int = 1) -> dict:
+    """Train `steps` steps with the train.py in `code` (as `processes` CPU processes under accelerate
+    launch where > 1); images/s over the steps after `warmup`, summed over the processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, str(code / "train.py"), "--data-root", str(data_root), "--out", str(out),
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu"] \
+            if processes > 1 else [sys.executable]
+        cmd = [*launch, str(code / "train.py"), "--data-root", str(data_root), "--out", str(out),
                "--stop-after", str(steps), "--log-every", str(log_every), *args]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=code, capture_output=True, text=True)
@@ -85,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-every", type=int, default=10, help="steps per metrics line")
     ap.add_argument("--data-root", default=str(REPO / "data"), help="prepared shards, shared by both versions")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma-separated")
+    ap.add_argument("--new-processes", type=int, default=1,
+                    help="run this checkout's train.py as N CPU processes (accelerate launch --num_processes N "
+                         "--cpu: data parallel, the cores shared out); the old commit runs as one")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
     if args.warmup % args.log_every or args.steps <= args.warmup:
@@ -101,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(args.rounds):
                 for c in configs:
                     for name, code in (("old", old), ("new", REPO)):
-                        res = one_run(code, data_root, CONFIGS[c], args.steps, args.warmup, args.log_every)
+                        res = one_run(code, data_root, CONFIGS[c], args.steps, args.warmup, args.log_every,
+                                      args.new_processes if name == "new" else 1)
                         results[c][name].append(res)
                         print(f"round {r + 1}, {c}, {name}: {res['images_per_s']:.1f} images/s "
                               f"(first {args.log_every} steps {res['first_rows_images_per_s']:.1f}, "
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {"machine": cpu_name(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "old": args.old, "new": code_version(),
             "command": " ".join(["python", "bench/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-            "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds}
+            "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "new_processes": args.new_processes}
     print(f"\n{info['machine']}, torch {info['torch']}, {info['threads']} threads; "
           f"{args.old} vs {info['new']}, {args.rounds} rounds of {args.steps} steps (first {args.warmup} left out)")
     for c, s in summary.items():
