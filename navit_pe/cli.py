@@ -42,11 +42,9 @@ _forwarding = {"on": False, "signum": 0}
 
 def _forward(signum, frame) -> None:
     _forwarding["signum"] = signum
-    with _live_lock:
-        procs = list(_live)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signum)
+    with _live_lock:  # a child in _live is running or an unreaped zombie: its pid is still its own
+        for proc in _live:
+            os.kill(proc.pid, signum)
 
 
 @contextmanager
@@ -75,7 +73,7 @@ def signal_forwarded() -> int:
 @dataclass
 class ChildResult:
     returncode: int
-    signum: int  # the last signal passed on while it ran (0: none)
+    signum: int  # the last signal passed on since forward_signals began (0: none)
     cpu_s: float  # its CPU seconds (user + system), its own waited-for children included
 
 
@@ -89,12 +87,10 @@ def run_child(cmd: list[str], **popen_kw) -> ChildResult:
             if signal_forwarded():  # it came while the child was starting
                 proc.send_signal(signal_forwarded())
         try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not its siblings'
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # until it ends, without reaping it
         finally:
-            with _live_lock:
+            with _live_lock:  # no signal goes to its pid from now on
                 _live.discard(proc)
-            if proc.returncode is None:  # interrupted by an exception: do not leave it behind
-                proc.kill()
-                proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)  # reap it: this child's own CPU time, not its siblings'
+        proc.returncode = os.waitstatus_to_exitcode(status)
         return ChildResult(proc.returncode, signal_forwarded(), usage.ru_utime + usage.ru_stime)

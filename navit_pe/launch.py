@@ -49,8 +49,8 @@ def relaunch_cpu_multiprocess() -> None:
         return
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    # on a signal torchrun passes it on, then kills the processes after this many seconds: give
-    # them time to finish the step, an evaluation and the checkpoint
+    # on a signal torchrun passes it on, then kills the processes after this many seconds (torch
+    # 2.13's torchrun reads it; older ones wait 30 s): time to finish a step, an evaluation, a checkpoint
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     print(f"accelerate runs CPU processes only through MPI; starting {n} processes with "
           f"torch.distributed.run", file=sys.stderr, flush=True)

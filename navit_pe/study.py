@@ -678,18 +678,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     i, s = running.pop(future)
                     try:
                         rec = future.result()
+                        write_json(record_path(root, s), rec)  # here, not in the run's thread: git sees whole files
+                        build_summary(root, p)
+                        print(f"[{i}/{len(todo)}] {s.name}: test acc {rec['result']['test_acc']:.4f}, "
+                              f"train {rec['train_s'] / 60:.1f} min, sweep {rec['sweep_s'] / 60:.1f} min", flush=True)
+                        if commit:
+                            git_commit_dir(root, f"study {p.name}: {s.name} recorded "
+                                                 f"(test acc {rec['result']['test_acc']:.4f})")
                     except KeyboardInterrupt:
                         continue
-                    except Exception as e:  # the others finish their runs first
+                    except Exception as e:  # start nothing new; the running runs finish and are recorded
                         failure = failure or e
-                        continue
-                    write_json(record_path(root, s), rec)  # here, not in the run's thread: git sees whole files
-                    build_summary(root, p)
-                    print(f"[{i}/{len(todo)}] {s.name}: test acc {rec['result']['test_acc']:.4f}, "
-                          f"train {rec['train_s'] / 60:.1f} min, sweep {rec['sweep_s'] / 60:.1f} min", flush=True)
-                    if commit:
-                        git_commit_dir(root, f"study {p.name}: {s.name} recorded "
-                                             f"(test acc {rec['result']['test_acc']:.4f})")
             stopped = signal_forwarded()  # read while forwarding is on (it reads 0 outside)
         if failure is not None:
             raise failure

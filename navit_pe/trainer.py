@@ -269,10 +269,10 @@ def check_finite(loss: torch.Tensor, step: int, accelerator, run: Path) -> None:
                             f"lower --lr or set --grad-clip and start again")
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT / SIGTERM to the training process (which stops them)."""
+def ignore_ctrl_c(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C (sent to the whole terminal group) to the training process,
+    which stops them; SIGTERM keeps torch's worker handler, which exits cleanly when asked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Stopped(Exception):
@@ -464,7 +464,7 @@ def train(cfg: TrainConfig) -> dict:
         batches = TrainBatches(train_set, plan(epoch), sampler, transform, cfg.patch_size, cfg.max_seq_len, cls,
                                cfg.seed, epoch, start, rank, world)
         # an explicit generator: creating the loader must not draw from the global RNG (resume)
-        return DataLoader(batches, batch_size=None, num_workers=workers, worker_init_fn=ignore_stop_signals,
+        return DataLoader(batches, batch_size=None, num_workers=workers, worker_init_fn=ignore_ctrl_c,
                           generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
