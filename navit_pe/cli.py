@@ -32,8 +32,6 @@ def check_out_dir(run: Path, flag: str = "--out") -> Path:
     return run
 
 
-
-
 # children of run_child still running, and the last signal passed on to them (0: none)
 _live: set[subprocess.Popen] = set()
 _live_lock = threading.RLock()  # re-entrant: the handler runs in the main thread, which may hold it

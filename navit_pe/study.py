@@ -179,9 +179,9 @@ def _call(cmd: list[str], what: str, times: Path, key: str, threads: int = 0, lo
     spent[f"{key}_wall_s"] = spent.get(f"{key}_wall_s", 0.0) + time.perf_counter() - t0
     spent[f"{key}_cpu_s"] = spent.get(f"{key}_cpu_s", 0.0) + child.cpu_s
     write_json(times, spent)
-    if child.returncode != 0 and child.signum:
-        raise KeyboardInterrupt  # stopped by the signal: the study stops too
     if child.returncode != 0:
+        if child.signum:
+            raise KeyboardInterrupt  # stopped by the signal: the study stops too
         raise StudyError(f"{what} exited with code {child.returncode}: {' '.join(cmd)}")
 
 
@@ -557,7 +557,9 @@ def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict], job
     return total / jobs
 
 
-def _hours(seconds: float | None, jobs: int = 1) -> str:
+def _hours_left(p: Protocol, todo: Sequence[RunSpec], root: Path, jobs: int) -> str:
+    """' (about N h at the pace of the recorded runs ...)' for --list and the start line; '' if unknown."""
+    seconds = time_left(p, todo, load_records(root), jobs) if todo else None
     side = f", {jobs} side by side" if jobs > 1 else ""
     return "" if seconds is None else f" (about {seconds / 3600:.1f} h at the pace of the recorded runs{side})"
 
@@ -633,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             left = [s for s in specs if not record_path(root, s).is_file()]
             jobs = resolve_jobs(args.jobs)
             print(f"{len(specs) - len(left)} of {len(specs)} recorded in {root / 'runs'}"
-                  f"{_hours(time_left(p, left, load_records(root), jobs) if left else None, jobs)}")
+                  f"{_hours_left(p, left, root, jobs)}")
             return 0
         if args.summary:
             paths = build_summary(root, p)
@@ -660,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = [s for s in specs if not record_path(root, s).is_file()]
         jobs = resolve_jobs(args.jobs)
         print(f"study {p.name}: {len(specs) - len(todo)} of {len(specs)} runs recorded, {len(todo)} to do"
-              f"{_hours(time_left(p, todo, load_records(root), jobs) if todo else None, jobs)}", flush=True)
+              f"{_hours_left(p, todo, root, jobs)}", flush=True)
         queue = list(enumerate(todo[:args.max_runs or None], 1))
         threads = max(1, cores() // jobs) if jobs > 1 else 0  # 0: the children's default
         running, failure = {}, None

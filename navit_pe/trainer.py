@@ -507,8 +507,7 @@ def train(cfg: TrainConfig) -> dict:
     eta = None  # the time left, paced from the end of this process's first step (which compiles)
     eval_size = sampler if isinstance(sampler, TokenBudget) else (cfg.eval_res, cfg.eval_res)
     eval_name = cfg.resize if isinstance(sampler, TokenBudget) else f"{cfg.eval_res}x{cfg.eval_res}"
-    stop = StopOnSignal()  # SIGTERM / SIGINT: stop after the current step, with a checkpoint (to the end)
-    with stop:
+    with StopOnSignal() as stop:  # SIGTERM / SIGINT: stop after the current step, with a checkpoint
         for epoch in range(progress.epoch, cfg.epochs):
             model.train()
             t_epoch = time.perf_counter()
