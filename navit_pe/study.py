@@ -91,6 +91,9 @@ PEER_6EP = {"learned_1d": 0.5955, "relative": 0.5671, "rope": 0.5915}
 # the same repo's published CIFAR-10 test accuracy after its full recipe (200 epochs at 32x32, RandAugment;
 # its README, commit 002cbac): a budget 20-33x ours, shown next to the study's 32x32 column, never compared as equal
 PEER_200EP = {"none": 0.7963, "learned_1d": 0.8652, "sincos": 0.8609, "relative": 0.9057, "rope": 0.8849}
+# regime against regime, for the same encoding and test-time mode, in the summary: (title, a, b) = a minus b
+REGIME_CONTRASTS = (("16:48 minus fixed 32x32 (variable-resolution training)", "mix", "fixed32"),
+                    ("16:48 with coordinate rescale 2 minus without", "mix_rescale2", "mix"))
 
 
 def _cpu_short() -> Protocol:
@@ -300,11 +303,13 @@ def summarize(records: Sequence[dict]) -> dict:
     for (enc, reg, mode), members in sorted(groups.items(), key=lambda kv: (
             reg_order[kv[0][1]], order.get(kv[0][0], 99), kv[0][0], kv[0][2])):
         cells = {}
+        members = sorted(members, key=lambda m: m["seed"])
         for k in resolutions:
-            vals = [m["cells"][k]["acc"] for m in members if k in m["cells"]]
-            if vals:
+            have = [m for m in members if k in m["cells"]]
+            if have:
+                vals = [m["cells"][k]["acc"] for m in have]
                 mu, sd = mean_std(vals)
-                cells[k] = dict(mean=mu, std=sd, n=len(vals), values=vals)
+                cells[k] = dict(mean=mu, std=sd, n=len(vals), values=vals, seeds=[m["seed"] for m in have])
         rows.append(dict(encoding=enc, regime=reg, regime_label=regimes[reg]["label"], mode=mode,
                          seeds=sorted(m["seed"] for m in members), cells=cells))
     peers = []
@@ -322,6 +327,7 @@ def summarize(records: Sequence[dict]) -> dict:
                        for e, a in PEER_200EP.items()]
     return dict(
         resolutions=resolutions, regimes=regimes, rows=rows, peers=peers, reference_200ep=reference_200ep,
+        contrasts=contrasts(rows, resolutions), leaders=leaders(rows, resolutions),
         runs=len(records),
         commits=sorted({r["commit"] for r in records} | {r["recorded_commit"] for r in records}),
         machines=sorted({r["machine"] for r in records}),
@@ -329,6 +335,86 @@ def summarize(records: Sequence[dict]) -> dict:
         cpu_s=sum(r.get("train_cpu_s", 0.0) + r.get("sweep_cpu_s", 0.0) for r in records),
         stale=sorted(r["name"] for r in records if r.get("stale")),
         commands=sorted({" ".join(r["regime"]["args"]) for r in records}))
+
+
+def difference(a: dict, b: dict, paired: bool) -> dict:
+    """a - b for two cells (accuracy over seeds) and whether it is larger than the seed spread.
+
+    paired (the same runs measured two ways): the per-seed differences over the seeds both have,
+    spread = their sample std. Unpaired (different runs): the difference of the means, spread = the
+    larger of the two cells' sample stds. n = seeds behind the spread; n == 1: no spread known."""
+    if paired:
+        common = [s for s in a["seeds"] if s in b["seeds"]]
+        d = [a["values"][a["seeds"].index(s)] - b["values"][b["seeds"].index(s)] for s in common]
+        delta, spread = mean_std(d)
+        n = len(d)
+    else:
+        delta = a["mean"] - b["mean"]
+        spread = max(c["std"] for c in (a, b) if c["n"] > 1) if max(a["n"], b["n"]) > 1 else 0.0
+        n = max(a["n"], b["n"])
+    verdict = "one seed" if n < 2 else ("within spread" if abs(delta) <= spread else "beyond spread")
+    return dict(delta=delta, spread=spread, n=n, verdict=verdict)
+
+
+def _off_training_size(resolutions: Sequence[str]) -> list[str]:
+    """The swept sizes larger than 32 px or of another aspect ratio than 1:1: where encodings part."""
+    return [k for k in resolutions if max(map(int, k.split("x"))) > 32]
+
+
+def contrasts(rows: Sequence[dict], resolutions: Sequence[str]) -> list[dict]:
+    """The differences the study asks about, at 32x32 and every size off it (see REGIME_CONTRASTS):
+    interpolated minus extrapolated positions (the same runs, paired by seed), and one regime minus
+    another for the same encoding and test-time mode."""
+    sizes = ["32x32", *_off_training_size(resolutions)]
+    by = {(r["encoding"], r["regime"], r["mode"]): r for r in rows}
+    out = []
+    lines = []
+    for (enc, reg, mode), r in by.items():
+        if mode == "interpolate" and (enc, reg, "extrapolate") in by:
+            e = by[enc, reg, "extrapolate"]
+            lines.append(dict(encoding=enc, regime=reg, cells={
+                k: difference(r["cells"][k], e["cells"][k], paired=True)
+                for k in sizes if k in r["cells"] and k in e["cells"]}))
+    if lines:
+        out.append(dict(title="Interpolated minus extrapolated positions", paired=True, rows=lines))
+    for title, a_reg, b_reg in REGIME_CONTRASTS:
+        lines = [dict(encoding=enc, regime=reg, mode=mode, cells={
+            k: difference(r["cells"][k], b["cells"][k], paired=False)
+            for k in sizes if k in r["cells"] and k in b["cells"]})
+            for (enc, reg, mode), r in by.items() if reg == a_reg and (b := by.get((enc, b_reg, mode)))]
+        if lines:
+            out.append(dict(title=title, paired=False, regimes=[a_reg, b_reg], rows=lines))
+    return out
+
+
+def leaders(rows: Sequence[dict], resolutions: Sequence[str]) -> list[dict]:
+    """Per regime and size off 32x32: the encoding (in its better test-time mode) with the highest
+    mean accuracy, and the others whose difference from it is within the seed spread."""
+    out = []
+    for reg in dict.fromkeys(r["regime"] for r in rows):
+        for k in _off_training_size(resolutions):
+            best: dict[str, tuple[str, dict]] = {}  # encoding -> its better mode's cell
+            for r in rows:
+                c = r["cells"].get(k)
+                if r["regime"] == reg and c and (r["encoding"] not in best or c["mean"] > best[r["encoding"]][1]["mean"]):
+                    best[r["encoding"]] = (r["mode"], c)
+            if len(best) < 2:
+                continue
+            ranked = sorted(best.items(), key=lambda kv: -kv[1][1]["mean"])
+            top_enc, (top_mode, top) = ranked[0]
+            close = [dict(encoding=e, mode=m, mean=c["mean"], std=c["std"], n=c["n"],
+                          verdict=difference(top, c, paired=False)["verdict"]) for e, (m, c) in ranked[1:]]
+            out.append(dict(regime=reg, size=k, encoding=top_enc, mode=top_mode, mean=top["mean"], std=top["std"],
+                            n=top["n"], within_spread=[c["encoding"] for c in close if c["verdict"] == "within spread"],
+                            others=close))
+    return out
+
+
+def _delta(d: dict | None) -> str:
+    if d is None:
+        return ""
+    text = f"{100 * d['delta']:+.1f}" + (f" ± {100 * d['spread']:.1f}" if d["n"] > 1 else "")
+    return f"({text})" if d["verdict"] == "within spread" else text
 
 
 def _pct(c: dict | None) -> str:
@@ -351,6 +437,25 @@ def markdown(summary: dict, protocol: Protocol | None = None) -> str:
     for row in summary["rows"]:
         lines.append(f"| {row['encoding']} | {row['regime_label']} | {row['mode']} | "
                      f"{','.join(map(str, row['seeds']))} | " + " | ".join(_pct(row["cells"].get(k)) for k in res) + " |")
+    for c in summary["contrasts"]:
+        sizes = list(dict.fromkeys(k for row in c["rows"] for k in row["cells"]))
+        how = ("the same runs, per-seed differences: mean ± their std" if c["paired"] else
+               "difference of the means ± the larger of the two seed stds")
+        second = "regime" if c["paired"] else "test-time positions"  # a regime contrast names its regimes in the title
+        lines += ["", f"{c['title']}, in points ({how}; in parentheses: no larger than that spread; no ±: one seed):",
+                  "", f"| encoding | {second} | " + " | ".join(sizes) + " |", "|---|---|" + "---:|" * len(sizes)]
+        for row in c["rows"]:
+            lines.append(f"| {row['encoding']} | "
+                         + (summary["regimes"][row["regime"]]["label"] if c["paired"] else row["mode"]) + " | "
+                         + " | ".join(_delta(row["cells"].get(k)) for k in sizes) + " |")
+    if summary["leaders"]:
+        lines += ["", "Highest accuracy off the 32 px training size, per regime (each encoding in its better test-time "
+                  "mode); 'tied': the others within the seed spread of it:", ""]
+        for g in summary["leaders"]:
+            tied = ", ".join(f"{o['encoding']} {_pct(o)}" for o in g["others"] if o["verdict"] == "within spread")
+            lines.append(f"- {summary['regimes'][g['regime']]['label']}, {g['size']}: {g['encoding']} ({g['mode']}) "
+                         f"{_pct(g)}" + (f"; tied: {tied}" if tied else "")
+                         + ("" if g["n"] > 1 else "; one seed, no spread"))
     if summary["peers"]:
         lines += ["", "Against the reference code's 6 epochs at 32x32 (its own model, this machine), "
                   "our 10 epochs of the same recipe:", "",

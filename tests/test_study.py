@@ -22,7 +22,8 @@ def fake_record(enc: str, regime: str, seed: int, accs: dict[str, dict[str, floa
     """A record as run_one writes it, with the sweep accuracies given per mode."""
     spec = RunSpec(enc, regime, seed)
     return dict(protocol="fake", name=spec.name, spec=dict(encoding=enc, regime=regime, seed=seed),
-                regime=dict(label={"mix": "16:48", "ref32_10ep": "32 ref 10ep"}[regime], args=["--x"], about="a"),
+                regime=dict(label={"mix": "16:48", "ref32_10ep": "32 ref 10ep", "fixed32": "32"}[regime], args=["--x"],
+                            about="a"),
                 commit="c0ffee", recorded_commit="c0ffee", machine="test CPU, 2 cores", python="3",
                 recorded_at="2026-01-01T00:00:00+00:00", train_command=f"python train.py --pos-embed {enc} --out x",
                 sweep_command="python eval_resolutions.py x", train_config={}, result=dict(test_acc=test_acc),
@@ -51,7 +52,8 @@ def test_summary_from_fake_records(tmp_path):
     cell = rows["rope", "mix", "extrapolate"]["cells"]["64x64"]
     assert cell["mean"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1) and cell["n"] == 3
     assert rows["rope", "mix", "interpolate"]["cells"]["8x8"]["mean"] == pytest.approx(0.5)
-    assert rows["learned_1d", "ref32_10ep", "both"]["cells"]["32x32"] == dict(mean=0.63, std=0.0, n=1, values=[0.63])
+    assert rows["learned_1d", "ref32_10ep", "both"]["cells"]["32x32"] == dict(mean=0.63, std=0.0, n=1, values=[0.63],
+                                                                             seeds=[0])
     assert rows["rope", "mix", "extrapolate"]["seeds"] == [0, 1, 2]
     # the peer comparison: 63.00 against the reference code's 59.55 at 80 s an epoch
     (peer,) = summary["peers"]
@@ -74,6 +76,49 @@ def test_summary_from_fake_records(tmp_path):
             with Image.open(p) as im:
                 lo, hi = im.convert("L").getextrema()
                 assert im.size[0] > 300 and hi - lo > 100  # drawn, not blank
+
+
+def test_summary_contrasts_and_leaders(tmp_path):
+    """The differences the README's sentences quote, checkable by hand: interpolate minus extrapolate
+    paired by seed, 16:48 minus fixed 32x32 against the larger seed std, and who leads off 32x32."""
+    root = tmp_path / "cpu-short"
+    runs = {}
+    # rope at 16:48: extrapolate 0.5/0.6/0.7 and interpolate 0.1 lower in every seed -> -10.0 ± 0.0 (paired),
+    # while the two cells' own seed std (10 points) would call the same gap a tie if the seeds were not paired
+    for seed, a in enumerate((0.5, 0.6, 0.7)):
+        runs[RunSpec("rope", "mix", seed)] = {"extrapolate": {k: a for k in RES}, "interpolate": {k: a - 0.1 for k in RES}}
+    # rope at fixed 32x32, one seed: 16:48 minus it = +20.0 ± 10.0 (extrapolate), (+5.0 ± 10.0) (interpolate)
+    runs[RunSpec("rope", "fixed32", 0)] = {"extrapolate": {k: 0.4 for k in RES}, "interpolate": {k: 0.45 for k in RES}}
+    # fractional at 16:48 (one mode): 55.0, tied with rope's 60.0 ± 10.0; none: 30.0, behind it
+    runs[RunSpec("fractional", "mix", 0)] = {"both": {k: 0.55 for k in RES}}
+    runs[RunSpec("none", "mix", 0)] = {"both": {k: 0.3 for k in RES}}
+    for spec, accs in runs.items():
+        study.write_json(root / "runs" / f"{spec.name}.json", fake_record(spec.encoding, spec.regime, spec.seed, accs))
+    study.build_summary(root)
+    summary = json.loads((root / "summary.json").read_text())
+    interp, regimes = summary["contrasts"]
+    assert interp["paired"] and sorted((r["encoding"], r["regime"]) for r in interp["rows"]) == [
+        ("rope", "fixed32"), ("rope", "mix")]
+    (row,) = (r for r in interp["rows"] if r["regime"] == "mix")
+    assert list(row["cells"]) == ["32x32", "64x64", "96x96", "16x64"]  # 32x32 and the sizes off it
+    d = row["cells"]["96x96"]
+    assert d["delta"] == pytest.approx(-0.1) and d["spread"] == pytest.approx(0.0, abs=1e-12) and d["n"] == 3
+    assert d["verdict"] == "beyond spread"
+    assert regimes["regimes"] == ["mix", "fixed32"]
+    got = {r["mode"]: r["cells"]["64x64"] for r in regimes["rows"]}
+    assert got["extrapolate"]["delta"] == pytest.approx(0.2) and got["extrapolate"]["spread"] == pytest.approx(0.1)
+    assert got["extrapolate"]["verdict"] == "beyond spread" and got["interpolate"]["verdict"] == "within spread"
+    assert got["interpolate"]["delta"] == pytest.approx(0.05)
+    md = (root / "summary.md").read_text()
+    assert "| rope | 16:48 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 |" in md
+    assert "| rope | 32 | +5.0 | +5.0 | +5.0 | +5.0 |" in md  # one seed: no spread, no verdict
+    assert "| rope | extrapolate | +20.0 ± 10.0 |" in md and "| rope | interpolate | (+5.0 ± 10.0) |" in md
+    lead = {(g["regime"], g["size"]): g for g in summary["leaders"]}
+    assert ("fixed32", "96x96") not in lead  # one encoding: nobody to lead
+    g = lead["mix", "96x96"]
+    assert (g["encoding"], g["mode"], g["within_spread"]) == ("rope", "extrapolate", ["fractional"])
+    assert [o["verdict"] for o in g["others"]] == ["within spread", "beyond spread"]
+    assert "- 16:48, 96x96: rope (extrapolate) 60.0 ± 10.0; tied: fractional 55.0" in md
 
 
 def test_summary_needs_records(tmp_path):
