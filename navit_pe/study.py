@@ -337,62 +337,58 @@ def summarize(records: Sequence[dict]) -> dict:
         commands=sorted({" ".join(r["regime"]["args"]) for r in records}))
 
 
-def difference(a: dict, b: dict, paired: bool) -> dict:
+def difference(a: dict, b: dict, paired: bool) -> dict | None:
     """a - b for two cells (accuracy over seeds) and whether it is larger than the seed spread.
 
     paired (the same runs measured two ways): the per-seed differences over the seeds both have,
-    spread = their sample std. Unpaired (different runs): the difference of the means, spread = the
-    larger of the two cells' sample stds. n = seeds behind the spread; n == 1: no spread known."""
+    spread = their sample std (None if no seed is shared). Unpaired (different runs): the difference
+    of the means, spread = the larger sample std of the cells with more than one seed (the one cell's
+    where the other has one seed). n: seeds behind the spread; n == 1: no spread known, no verdict.
+    The verdict is a rough guide to what three seeds can tell apart, not a significance test."""
     if paired:
-        common = [s for s in a["seeds"] if s in b["seeds"]]
-        d = [a["values"][a["seeds"].index(s)] - b["values"][b["seeds"].index(s)] for s in common]
+        d = [a["values"][a["seeds"].index(s)] - b["values"][b["seeds"].index(s)] for s in a["seeds"] if s in b["seeds"]]
+        if not d:
+            return None
         delta, spread = mean_std(d)
         n = len(d)
     else:
         delta = a["mean"] - b["mean"]
-        spread = max(c["std"] for c in (a, b) if c["n"] > 1) if max(a["n"], b["n"]) > 1 else 0.0
         n = max(a["n"], b["n"])
+        spread = max(c["std"] for c in (a, b) if c["n"] == n)
     verdict = "one seed" if n < 2 else ("within spread" if abs(delta) <= spread else "beyond spread")
     return dict(delta=delta, spread=spread, n=n, verdict=verdict)
 
 
-def _off_training_size(resolutions: Sequence[str]) -> list[str]:
-    """The swept sizes larger than 32 px or of another aspect ratio than 1:1: where encodings part."""
-    return [k for k in resolutions if max(map(int, k.split("x"))) > 32]
-
-
 def contrasts(rows: Sequence[dict], resolutions: Sequence[str]) -> list[dict]:
-    """The differences the study asks about, at 32x32 and every size off it (see REGIME_CONTRASTS):
-    interpolated minus extrapolated positions (the same runs, paired by seed), and one regime minus
-    another for the same encoding and test-time mode."""
-    sizes = ["32x32", *_off_training_size(resolutions)]
+    """The differences the study asks about, at every swept size: interpolated minus extrapolated
+    positions (the same runs, paired by seed), and one regime minus another for the same encoding
+    and test-time mode (REGIME_CONTRASTS)."""
     by = {(r["encoding"], r["regime"], r["mode"]): r for r in rows}
+
+    def cells(a: dict, b: dict, paired: bool) -> dict:
+        diffs = {k: difference(a["cells"][k], b["cells"][k], paired)
+                 for k in resolutions if k in a["cells"] and k in b["cells"]}
+        return {k: d for k, d in diffs.items() if d is not None}
+
     out = []
-    lines = []
-    for (enc, reg, mode), r in by.items():
-        if mode == "interpolate" and (enc, reg, "extrapolate") in by:
-            e = by[enc, reg, "extrapolate"]
-            lines.append(dict(encoding=enc, regime=reg, cells={
-                k: difference(r["cells"][k], e["cells"][k], paired=True)
-                for k in sizes if k in r["cells"] and k in e["cells"]}))
+    lines = [dict(encoding=enc, regime=reg, cells=cells(r, by[enc, reg, "extrapolate"], paired=True))
+             for (enc, reg, mode), r in by.items() if mode == "interpolate" and (enc, reg, "extrapolate") in by]
     if lines:
         out.append(dict(title="Interpolated minus extrapolated positions", paired=True, rows=lines))
     for title, a_reg, b_reg in REGIME_CONTRASTS:
-        lines = [dict(encoding=enc, regime=reg, mode=mode, cells={
-            k: difference(r["cells"][k], b["cells"][k], paired=False)
-            for k in sizes if k in r["cells"] and k in b["cells"]})
-            for (enc, reg, mode), r in by.items() if reg == a_reg and (b := by.get((enc, b_reg, mode)))]
+        lines = [dict(encoding=enc, regime=reg, mode=mode, cells=cells(r, b, paired=False))
+                 for (enc, reg, mode), r in by.items() if reg == a_reg and (b := by.get((enc, b_reg, mode)))]
         if lines:
             out.append(dict(title=title, paired=False, regimes=[a_reg, b_reg], rows=lines))
     return out
 
 
 def leaders(rows: Sequence[dict], resolutions: Sequence[str]) -> list[dict]:
-    """Per regime and size off 32x32: the encoding (in its better test-time mode) with the highest
-    mean accuracy, and the others whose difference from it is within the seed spread."""
+    """Per regime and swept size: the encoding (in its better test-time mode) with the highest mean
+    accuracy, and every other encoding with its verdict against it (tied: within the seed spread)."""
     out = []
     for reg in dict.fromkeys(r["regime"] for r in rows):
-        for k in _off_training_size(resolutions):
+        for k in resolutions:
             best: dict[str, tuple[str, dict]] = {}  # encoding -> its better mode's cell
             for r in rows:
                 c = r["cells"].get(k)
@@ -402,18 +398,19 @@ def leaders(rows: Sequence[dict], resolutions: Sequence[str]) -> list[dict]:
                 continue
             ranked = sorted(best.items(), key=lambda kv: -kv[1][1]["mean"])
             top_enc, (top_mode, top) = ranked[0]
-            close = [dict(encoding=e, mode=m, mean=c["mean"], std=c["std"], n=c["n"],
-                          verdict=difference(top, c, paired=False)["verdict"]) for e, (m, c) in ranked[1:]]
+            others = [dict(encoding=e, mode=m, mean=c["mean"], std=c["std"], n=c["n"],
+                           verdict=difference(top, c, paired=False)["verdict"]) for e, (m, c) in ranked[1:]]
             out.append(dict(regime=reg, size=k, encoding=top_enc, mode=top_mode, mean=top["mean"], std=top["std"],
-                            n=top["n"], within_spread=[c["encoding"] for c in close if c["verdict"] == "within spread"],
-                            others=close))
+                            n=top["n"], within_spread=[o["encoding"] for o in others if o["verdict"] == "within spread"],
+                            others=others))
     return out
 
 
 def _delta(d: dict | None) -> str:
     if d is None:
         return ""
-    text = f"{100 * d['delta']:+.1f}" + (f" ± {100 * d['spread']:.1f}" if d["n"] > 1 else "")
+    v = 100 * d["delta"] if abs(d["delta"]) >= 0.0005 else 0.0  # no "-0.0"
+    text = f"{v:+.1f}" + (f" ± {100 * d['spread']:.1f}" if d["n"] > 1 else "")
     return f"({text})" if d["verdict"] == "within spread" else text
 
 
@@ -440,7 +437,7 @@ def markdown(summary: dict, protocol: Protocol | None = None) -> str:
     for c in summary["contrasts"]:
         sizes = list(dict.fromkeys(k for row in c["rows"] for k in row["cells"]))
         how = ("the same runs, per-seed differences: mean ± their std" if c["paired"] else
-               "difference of the means ± the larger of the two seed stds")
+               "difference of the means ± the larger seed std of the two cells, or of the one with seeds")
         second = "regime" if c["paired"] else "test-time positions"  # a regime contrast names its regimes in the title
         lines += ["", f"{c['title']}, in points ({how}; in parentheses: no larger than that spread; no ±: one seed):",
                   "", f"| encoding | {second} | " + " | ".join(sizes) + " |", "|---|---|" + "---:|" * len(sizes)]
@@ -449,13 +446,15 @@ def markdown(summary: dict, protocol: Protocol | None = None) -> str:
                          + (summary["regimes"][row["regime"]]["label"] if c["paired"] else row["mode"]) + " | "
                          + " | ".join(_delta(row["cells"].get(k)) for k in sizes) + " |")
     if summary["leaders"]:
-        lines += ["", "Highest accuracy off the 32 px training size, per regime (each encoding in its better test-time "
-                  "mode); 'tied': the others within the seed spread of it:", ""]
+        lines += ["", "Highest accuracy per regime and size (each encoding in its better test-time mode); 'tied': the "
+                  "others whose difference from it is no larger than the seed spread:", ""]
         for g in summary["leaders"]:
             tied = ", ".join(f"{o['encoding']} {_pct(o)}" for o in g["others"] if o["verdict"] == "within spread")
+            known = any(o["verdict"] != "one seed" for o in g["others"])
             lines.append(f"- {summary['regimes'][g['regime']]['label']}, {g['size']}: {g['encoding']} ({g['mode']}) "
-                         f"{_pct(g)}" + (f"; tied: {tied}" if tied else "")
-                         + ("" if g["n"] > 1 else "; one seed, no spread"))
+                         f"{_pct(g)}" + (f"; tied: {tied}" if tied else "") + ("" if known else "; one seed each, no spread"))
+    if summary["contrasts"] or summary["leaders"]:
+        lines += ["", "Spread verdicts are a rough guide to what the seeds can tell apart, not significance tests."]
     if summary["peers"]:
         lines += ["", "Against the reference code's 6 epochs at 32x32 (its own model, this machine), "
                   "our 10 epochs of the same recipe:", "",

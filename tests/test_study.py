@@ -22,7 +22,8 @@ def fake_record(enc: str, regime: str, seed: int, accs: dict[str, dict[str, floa
     """A record as run_one writes it, with the sweep accuracies given per mode."""
     spec = RunSpec(enc, regime, seed)
     return dict(protocol="fake", name=spec.name, spec=dict(encoding=enc, regime=regime, seed=seed),
-                regime=dict(label={"mix": "16:48", "ref32_10ep": "32 ref 10ep", "fixed32": "32"}[regime], args=["--x"],
+                regime=dict(label={"mix": "16:48", "ref32_10ep": "32 ref 10ep", "fixed32": "32",
+                                   "mix_rescale2": "16:48 rescale 2"}[regime], args=["--x"],
                             about="a"),
                 commit="c0ffee", recorded_commit="c0ffee", machine="test CPU, 2 cores", python="3",
                 recorded_at="2026-01-01T00:00:00+00:00", train_command=f"python train.py --pos-embed {enc} --out x",
@@ -80,45 +81,65 @@ def test_summary_from_fake_records(tmp_path):
 
 def test_summary_contrasts_and_leaders(tmp_path):
     """The differences the README's sentences quote, checkable by hand: interpolate minus extrapolate
-    paired by seed, 16:48 minus fixed 32x32 against the larger seed std, and who leads off 32x32."""
+    paired by seed, regime minus regime against the seed spread, and who leads at each size."""
     root = tmp_path / "cpu-short"
     runs = {}
     # rope at 16:48: extrapolate 0.5/0.6/0.7 and interpolate 0.1 lower in every seed -> -10.0 ± 0.0 (paired),
-    # while the two cells' own seed std (10 points) would call the same gap a tie if the seeds were not paired
+    # while the two cells' own seed std (10 points) would call the same gap a tie if the seeds were not paired;
+    # seed 1 has no interpolated 96x96, so pairing by position there would give -5.0 ± 7.1
     for seed, a in enumerate((0.5, 0.6, 0.7)):
-        runs[RunSpec("rope", "mix", seed)] = {"extrapolate": {k: a for k in RES}, "interpolate": {k: a - 0.1 for k in RES}}
+        interp = {k: a - 0.1 for k in RES if not (seed == 1 and k == "96x96")}
+        runs[RunSpec("rope", "mix", seed)] = {"extrapolate": {k: a for k in RES}, "interpolate": interp}
     # rope at fixed 32x32, one seed: 16:48 minus it = +20.0 ± 10.0 (extrapolate), (+5.0 ± 10.0) (interpolate)
     runs[RunSpec("rope", "fixed32", 0)] = {"extrapolate": {k: 0.4 for k in RES}, "interpolate": {k: 0.45 for k in RES}}
-    # fractional at 16:48 (one mode): 55.0, tied with rope's 60.0 ± 10.0; none: 30.0, behind it
+    # fractional at 16:48 (one mode): 55.0, tied with rope's 60.0 ± 10.0; with rescale: 50.0 -> -5.0 (one seed)
     runs[RunSpec("fractional", "mix", 0)] = {"both": {k: 0.55 for k in RES}}
-    runs[RunSpec("none", "mix", 0)] = {"both": {k: 0.3 for k in RES}}
+    runs[RunSpec("fractional", "mix_rescale2", 0)] = {"both": {k: 0.5 for k in RES}}
+    # none: 30.0, behind rope beyond the spread, except at 8x8 where its one seed leads at 65.0
+    runs[RunSpec("none", "mix", 0)] = {"both": {k: 0.65 if k == "8x8" else 0.3 for k in RES}}
     for spec, accs in runs.items():
         study.write_json(root / "runs" / f"{spec.name}.json", fake_record(spec.encoding, spec.regime, spec.seed, accs))
     study.build_summary(root)
     summary = json.loads((root / "summary.json").read_text())
-    interp, regimes = summary["contrasts"]
+    interp, regimes, rescale = summary["contrasts"]
     assert interp["paired"] and sorted((r["encoding"], r["regime"]) for r in interp["rows"]) == [
         ("rope", "fixed32"), ("rope", "mix")]
     (row,) = (r for r in interp["rows"] if r["regime"] == "mix")
-    assert list(row["cells"]) == ["32x32", "64x64", "96x96", "16x64"]  # 32x32 and the sizes off it
-    d = row["cells"]["96x96"]
-    assert d["delta"] == pytest.approx(-0.1) and d["spread"] == pytest.approx(0.0, abs=1e-12) and d["n"] == 3
-    assert d["verdict"] == "beyond spread"
+    assert list(row["cells"]) == RES
+    for k, n in (("64x64", 3), ("96x96", 2)):
+        d = row["cells"][k]
+        assert d["delta"] == pytest.approx(-0.1) and d["spread"] == pytest.approx(0.0, abs=1e-12) and d["n"] == n
+        assert d["verdict"] == "beyond spread"
     assert regimes["regimes"] == ["mix", "fixed32"]
     got = {r["mode"]: r["cells"]["64x64"] for r in regimes["rows"]}
     assert got["extrapolate"]["delta"] == pytest.approx(0.2) and got["extrapolate"]["spread"] == pytest.approx(0.1)
     assert got["extrapolate"]["verdict"] == "beyond spread" and got["interpolate"]["verdict"] == "within spread"
     assert got["interpolate"]["delta"] == pytest.approx(0.05)
+    assert rescale["regimes"] == ["mix_rescale2", "mix"]
+    (row,) = rescale["rows"]
+    assert (row["encoding"], row["mode"], row["cells"]["96x96"]["verdict"]) == ("fractional", "both", "one seed")
+    assert row["cells"]["96x96"]["delta"] == pytest.approx(-0.05)
     md = (root / "summary.md").read_text()
-    assert "| rope | 16:48 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 |" in md
-    assert "| rope | 32 | +5.0 | +5.0 | +5.0 | +5.0 |" in md  # one seed: no spread, no verdict
+    assert "| rope | 16:48 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 | -10.0 ± 0.0 |" in md
+    assert "| rope | 32 | +5.0 | +5.0 | +5.0 | +5.0 | +5.0 |" in md  # one seed: no spread, no verdict
     assert "| rope | extrapolate | +20.0 ± 10.0 |" in md and "| rope | interpolate | (+5.0 ± 10.0) |" in md
+    assert "| fractional | both | -5.0 | -5.0 |" in md
     lead = {(g["regime"], g["size"]): g for g in summary["leaders"]}
     assert ("fixed32", "96x96") not in lead  # one encoding: nobody to lead
     g = lead["mix", "96x96"]
     assert (g["encoding"], g["mode"], g["within_spread"]) == ("rope", "extrapolate", ["fractional"])
     assert [o["verdict"] for o in g["others"]] == ["within spread", "beyond spread"]
-    assert "- 16:48, 96x96: rope (extrapolate) 60.0 ± 10.0; tied: fractional 55.0" in md
+    assert "- 16:48, 96x96: rope (extrapolate) 60.0 ± 10.0; tied: fractional 55.0\n" in md
+    # a one-seed leader: tied with rope through rope's spread, so the line has a verdict
+    assert "- 16:48, 8x8: none (both) 65.0; tied: rope 60.0 ± 10.0\n" in md
+    assert "- 16:48 rescale 2" not in md  # one encoding in that regime
+
+
+def test_difference_needs_a_shared_seed():
+    a = dict(mean=0.5, std=0.0, n=1, values=[0.5], seeds=[0])
+    b = dict(mean=0.4, std=0.0, n=1, values=[0.4], seeds=[1])
+    assert study.difference(a, b, paired=True) is None
+    assert study.difference(a, b, paired=False) == dict(delta=pytest.approx(0.1), spread=0.0, n=1, verdict="one seed")
 
 
 def test_summary_needs_records(tmp_path):
