@@ -1,4 +1,4 @@
-"""CPU runtime settings for training: used by navit_pe.trainer (train.py) and bench/.
+"""CPU runtime settings and facts: used by navit_pe.trainer (train.py), the study, the launcher and bench/.
 
 By default glibc's malloc serves large blocks (a few MiB: most activations of a training step)
 with fresh mmap'd memory and returns it when freed, so every step page-faults its activations
@@ -36,6 +36,11 @@ def keep_freed_memory() -> bool:
     # blocks up to 32 MiB (glibc's ceiling) come from the heap; the heap is never trimmed
     _done = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _done
+
+
+def cores() -> int:
+    """The CPU cores this process may use (its affinity, e.g. a container's share), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_name() -> str:

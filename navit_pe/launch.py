@@ -13,6 +13,7 @@ import os
 import sys
 
 from .cli import run_child
+from .cpu import cores
 
 DIST_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -48,7 +49,7 @@ def relaunch_cpu_multiprocess() -> None:
     if n <= 1:
         return
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // n)))
     # on a signal torchrun passes it on, then kills the processes after this many seconds (torch
     # 2.13's torchrun reads it; older ones wait 30 s): time to finish a step, an evaluation, a checkpoint
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli import UsageError, check_out_dir, forward_signals, run_child, signal_forwarded
-from .cpu import cpu_name
+from .cpu import cores, cpu_name
 from .posenc import POS_EMBEDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -677,11 +677,6 @@ def resolve_jobs(jobs: str) -> int:
     if not jobs.isdigit() or int(jobs) < 1:
         raise UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
     return int(jobs)
-
-
-def cores() -> int:
-    """The CPU cores this process may use (its affinity, e.g. a container's share), else all."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_threads() -> int:

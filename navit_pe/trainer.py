@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .cli import UsageError, check_out_dir
 from .config import NaViTConfig
-from .cpu import keep_freed_memory
+from .cpu import cores, keep_freed_memory
 from .data import DataError, ImageStore, ensure_prepared, load_meta, prepare_command
 from .evaluate import evaluate
 from .model import NaViT
@@ -446,7 +446,7 @@ def train(cfg: TrainConfig) -> dict:
     transform = TrainTransform(randaugment=cfg.randaug_ops > 0, num_ops=max(cfg.randaug_ops, 1),
                                magnitude=cfg.randaug_magnitude)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
-        0 if accelerator.device.type == "cpu" and (os.cpu_count() or 1) <= 4 else 2)
+        0 if accelerator.device.type == "cpu" and cores() <= 4 else 2)
 
     plans: dict[int, EpochPlan] = {}
 
