@@ -526,11 +526,12 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
         return row["regime"] == reg and row["mode"] in (mode, "both")
 
     encs = list(dict.fromkeys(r["encoding"] for r in summary["rows"]))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10").colors  # ten distinct hues; beyond ten, the hues again with dashed lines
     color = {e: colors[i % len(colors)] for i, e in enumerate(encs)}
-    ncol = min(3, len(panels)) or 1
+    style = {e: "--" if i >= len(colors) else "-" for i, e in enumerate(encs)}
+    ncol = len(modes)  # one row per regime, one column per test-time mode
     nrow = math.ceil(len(panels) / ncol) or 1
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow + 0.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6 * ncol, 3.4 * nrow + 0.8), squeeze=False, sharey=True)
     for ax, (reg, mode) in zip(axes.flat, panels):
         for row in (r for r in summary["rows"] if in_panel(r, reg, mode)):
             pts = [(s, row["cells"][k]) for s, k in zip(sides, squares) if k in row["cells"]]
@@ -539,7 +540,8 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
             xs = [s for s, _ in pts]
             mu = [c["mean"] for _, c in pts]
             sd = [c["std"] for _, c in pts]
-            ax.plot(xs, mu, "o-", ms=3, color=color[row["encoding"]], label=row["encoding"])
+            ax.plot(xs, mu, marker="o", ls=style[row["encoding"]], ms=3, color=color[row["encoding"]],
+                    label=row["encoding"])
             ax.fill_between(xs, [m - s for m, s in zip(mu, sd)], [m + s for m, s in zip(mu, sd)],
                             color=color[row["encoding"]], alpha=0.15, lw=0)
         ax.set_title(f"{summary['regimes'][reg]['label']}, {mode}", fontsize=10)
