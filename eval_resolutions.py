@@ -8,8 +8,10 @@
     accelerate launch --num_processes 2 --cpu eval_resolutions.py RUN ...   # counts merged over ranks
 
 Writes to --out: accuracy.md (the table, also printed), accuracy.csv, accuracy.json (counts per
-cell and each run's metadata), accuracy.png, and with --plots learned_<run>.png per run.
-Bad input prints one line and exits 2.
+cell and each run's metadata), accuracy.png, and with --plots learned_<run>.png per run; and
+cells.jsonl, each cell as it finishes: a killed sweep run again with the same --out evaluates only
+the cells it had not finished (a cell is reused only for the same weights, code, mode, size, data
+and packing). Bad input prints one line and exits 2.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from pathlib import Path
 
 from navit_pe.cli import UsageError, check_out_dir
 from navit_pe.launch import relaunch_cpu_multiprocess
-from navit_pe.sweep import (DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, expand_modes, label_runs,
-                            load_run, markdown_table, parse_budgets, parse_hw, parse_modes, parse_sides, run_sweep,
-                            write_outputs)
+from navit_pe.sweep import (CELLS_FILE, DEFAULT_ASPECTS, DEFAULT_SIDES, SweepError, check_resolutions, expand_modes,
+                            label_runs, load_run, markdown_table, parse_budgets, parse_hw, parse_modes, parse_sides,
+                            run_sweep, write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,8 +100,8 @@ def main(argv=None) -> int:
         out = check_out_dir(Path(args.out))  # every process checks: no rank may fail alone mid-sweep
         sweep = run_sweep(runs, resolutions, accelerator=accelerator, data_root=args.data_root,
                           max_seq_len=args.max_seq_len, tokens_per_batch=args.tokens_per_batch,
-                          max_images=args.max_images,
-                          num_workers=args.num_workers, progress=main_proc)
+                          max_images=args.max_images, num_workers=args.num_workers, progress=main_proc,
+                          cells_file=out / CELLS_FILE)
         if main_proc:
             paths = write_outputs(sweep, out)
             print(markdown_table(sweep), end="")

@@ -33,7 +33,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import shutil
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -263,7 +262,7 @@ def run_one(p: Protocol, spec: RunSpec, work: Path, python: str = sys.executable
     _call(tcmd, f"{spec.name}: train.py", times, "train", threads, log)  # checks the settings of a resumed run
     check_complete(spec, run_dir, regime_epochs(p.regimes[spec.regime]))
     scmd = sweep_command(p, run_dir, python, sweep_extra)
-    shutil.rmtree(run_dir / "sweep", ignore_errors=True)
+    (run_dir / "sweep" / "accuracy.json").unlink(missing_ok=True)  # cells.jsonl stays: a cut sweep goes on
     _call(scmd, f"{spec.name}: eval_resolutions.py", times, "sweep", threads, log)
     record = make_record(p, spec, run_dir, tcmd, scmd, commit)
     record.update(jobs=jobs, threads=threads or default_threads())  # the run's share of the machine

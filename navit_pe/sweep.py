@@ -2,18 +2,22 @@
 
     runs = [load_run(p) for p in paths]        # run dirs or RUN/checkpoints/step_* dirs
     runs = expand_modes(runs, ["extrapolate", "interpolate"])  # one entry per (run, test-time mode)
-    sweep = run_sweep(runs, resolutions, accelerator=acc)
+    sweep = run_sweep(runs, resolutions, accelerator=acc, cells_file=out_dir / CELLS_FILE)
     write_outputs(sweep, out_dir)             # accuracy.{md,csv,json,png}
 
 A cell is (correct, total) over the whole test split with every image resized to (h, w) and
 packed as in training (`navit_pe.evaluate.evaluate`), so the cell at a run's eval_res equals
 train.py's own final test accuracy. Every (run, pos_mode) pair is its own row of the table, CSV
 and JSON and its own line of the plot; an encoding whose two modes are the same is evaluated
-once ("both modes"). Bad input raises `SweepError` (one line for the CLI).
+once ("both modes"). Bad input raises `SweepError` (one line for the CLI). With a `cells_file`,
+every finished cell is appended to it under a key of everything its counts depend on (the
+weights' and the code's digests, the mode, the size, the data, the packing), and cells already
+there are not evaluated again: a killed sweep goes on where it stopped.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -285,9 +289,46 @@ class Sweep:
         return correct / max(1, total)
 
 
+CELLS_FILE = "cells.jsonl"  # in eval_resolutions.py's --out: the finished cells of the sweep(s) there
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """A digest of the package's source: a changed model or evaluation gives new cell keys."""
+    return _digest(sorted(Path(__file__).resolve().parent.rglob("*.py")))
+
+
+def read_cells(path: Path) -> dict[str, tuple[int, int]]:
+    """key -> (correct, total) from a cells file; a line torn by a kill is skipped."""
+    cells = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                cells[rec["key"]] = (int(rec["correct"]), int(rec["total"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return cells
+
+
+def append_cell(path: Path, key: str, counts: tuple[int, int]) -> None:
+    """One line per cell, flushed at once; after a line torn by a kill, on a line of its own."""
+    with open(path, "ab+") as f:
+        torn = f.tell() > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(dict(key=key, correct=counts[0], total=counts[1])) + "\n").encode())
+
+
 def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator=None, data_root: str | None = None,
               max_seq_len: int | None = None, tokens_per_batch: int | None = None, max_images: int = 0,
-              num_workers: int = 0, progress: bool = True) -> Sweep:
+              num_workers: int = 0, progress: bool = True, cells_file: Path | None = None) -> Sweep:
+    """Every (run, resolution) cell; with `cells_file`, those already in it are taken from it and
+    each newly evaluated one is appended to it (by the main process) as soon as it is done."""
     from tqdm.auto import tqdm
 
     for r in runs:
@@ -296,16 +337,30 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
     sweep = Sweep(list(runs), list(resolutions),
                   num_processes=accelerator.num_processes if accelerator is not None else 1, max_images=max_images)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
+    done = read_cells(cells_file) if cells_file is not None else {}
+    writer = cells_file is not None and (accelerator is None or accelerator.is_main_process)
+    code = code_digest() if cells_file is not None else ""
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
         model = r.model.to(device)
         model.set_pos_mode(r.pos_mode)
         tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
+        precision = train_precision(r.train)
+        weights = _digest([r.path / "model.safetensors"]) if cells_file is not None else ""
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size), tokens_per_batch=tpb,
-                                           max_seq_len=max_seq_len, accelerator=accelerator, num_workers=num_workers,
-                                           mixed_precision=train_precision(r.train), max_images=max_images)
+            key = json.dumps(dict(weights=weights, code=code, pos_mode=r.pos_mode, res=res_key(res), data=str(ddir),
+                                  tokens_per_batch=tpb, max_seq_len=max_seq_len, max_images=max_images,
+                                  precision=precision, processes=sweep.num_processes), sort_keys=True)
+            if key in done:
+                sweep.cells[i, res] = done[key]
+            else:
+                sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size),
+                                               tokens_per_batch=tpb, max_seq_len=max_seq_len, accelerator=accelerator,
+                                               num_workers=num_workers, mixed_precision=precision,
+                                               max_images=max_images)
+                if writer:
+                    append_cell(cells_file, key, sweep.cells[i, res])
             bar.update(1)
         r.model.to("cpu")
     bar.close()

@@ -237,3 +237,57 @@ def test_max_images_takes_the_first_n(runs, sweep_out, tmp_path):
     assert full[0] == (data["runs"][0]["results"]["32x32"]["correct"], 7) and full[1][1] == 30
     proc = run_py("eval_resolutions.py", runs["rope"], "--out", out, "--max-images", "-1")
     assert proc.returncode == 2 and "--max-images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_killed_sweep_goes_on_where_it_stopped(runs, tmp_path, monkeypatch):
+    """Killed after 2 of 6 cells, the same sweep again evaluates only the other 4 and ends with the
+    counts of an uninterrupted sweep; a line torn by the kill is skipped; other weights are
+    evaluated afresh. The counts are a stand-in for evaluate(), distinct per mode and size, so a
+    cell taken from the file for the wrong row or size shows."""
+    from navit_pe import sweep as sw
+
+    cells_file = tmp_path / sw.CELLS_FILE
+    rows = sw.expand_modes([sw.load_run(runs["rope"])], ["extrapolate", "interpolate"])
+    resolutions = [(8, 8), (16, 16), (16, 64)]
+    calls = []
+
+    def counts(model, data, size, **kw):  # (correct, total) unique to (mode, size)
+        calls.append((model.config.pos_mode, size))
+        return size[0] * 100 + size[1] + (5000 if model.config.pos_mode == "interpolate" else 0), 10000
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return counts(*args, **kwargs)
+
+    monkeypatch.setattr(sw, "evaluate", counts)
+    whole = sw.run_sweep(rows, resolutions, progress=False)  # no cells file: every cell evaluated
+    assert len(set(whole.cells.values())) == 6
+    calls.clear()
+    monkeypatch.setattr(sw, "evaluate", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_sweep(rows, resolutions, cells_file=cells_file, progress=False)
+    assert len(sw.read_cells(cells_file)) == 2
+    with open(cells_file, "a") as f:
+        f.write('{"key": "torn')  # a kill in the middle of a write
+    calls.clear()
+    monkeypatch.setattr(sw, "evaluate", counts)
+    again = sw.run_sweep(rows, resolutions, cells_file=cells_file, progress=False)
+    assert len(calls) == 4 and len(sw.read_cells(cells_file)) == 6
+    assert again.cells == whole.cells
+    # the same cell of other weights (the run's checkpoint) is evaluated, not taken from the file
+    calls.clear()
+    ckpt = sorted((runs["rope"] / "checkpoints").glob("step_*"))[-1]
+    sw.run_sweep([sw.load_run(ckpt)], resolutions[:1], cells_file=cells_file, progress=False)
+    assert len(calls) == 1
+
+
+def test_the_cli_writes_every_cell(sweep_out):
+    """eval_resolutions.py keeps its finished cells in --out (what a rerun after a kill reads)."""
+    out, _ = sweep_out
+    from navit_pe.sweep import CELLS_FILE, read_cells
+
+    data = json.loads((out / "accuracy.json").read_text())
+    cells = read_cells(out / CELLS_FILE)
+    assert len(cells) == len(data["runs"]) * len(data["resolutions"])
+    assert sorted(cells.values()) == sorted((c["correct"], c["total"]) for r in data["runs"] for c in r["results"].values())

@@ -212,6 +212,18 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd, job
     # --list says so too
     assert study.main([*args, "--list"]) == 0
     assert "2 of 2 recorded" in capfd.readouterr().out
+    # a run swept again (its record gone, as after a kill inside the sweep) keeps the sweep's
+    # finished cells and evaluates none of them again: the file is neither replaced nor appended to
+    spec = p.runs[1]
+    cells = work / "tiny" / spec.name / "sweep" / "cells.jsonl"
+    lines = cells.read_text().splitlines()
+    assert len(lines) == 3  # learned_1d: one mode ('both') x 3 sizes
+    cells.write_text("\n".join([*lines, "a line of the earlier sweep"]) + "\n")
+    (results / "tiny" / "runs" / f"{spec.name}.json").unlink()
+    assert study.main(args) == 0
+    assert cells.read_text().splitlines() == [*lines, "a line of the earlier sweep"]
+    assert json.loads((results / "tiny" / "runs" / f"{spec.name}.json").read_text())["sweep"]["resolutions"] == [
+        "16x16", "32x32", "16x32"]
 
 
 def test_time_left_at_the_pace_of_the_recorded_runs():
