@@ -304,6 +304,13 @@ def code_digest() -> str:
     return _digest(sorted(Path(__file__).resolve().parent.rglob("*.py")))
 
 
+def data_stamp(ddir: Path) -> str:
+    """The prepared data's place and its files' names, sizes and times: data prepared again is new data."""
+    files = sorted(f for f in Path(ddir).resolve().iterdir() if f.is_file())
+    stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return f"{Path(ddir).resolve()}:{hashlib.sha256(repr(stat).encode()).hexdigest()[:16]}"
+
+
 def read_cells(path: Path) -> dict[str, tuple[int, int]]:
     """key -> (correct, total) from a cells file; a line torn by a kill is skipped."""
     cells = {}
@@ -347,9 +354,10 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
         tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
         precision = train_precision(r.train)
         weights = _digest([r.path / "model.safetensors"]) if cells_file is not None else ""
+        data = data_stamp(ddir) if cells_file is not None else ""
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            key = json.dumps(dict(weights=weights, code=code, pos_mode=r.pos_mode, res=res_key(res), data=str(ddir),
+            key = json.dumps(dict(weights=weights, code=code, pos_mode=r.pos_mode, res=res_key(res), data=data,
                                   tokens_per_batch=tpb, max_seq_len=max_seq_len, max_images=max_images,
                                   precision=precision, processes=sweep.num_processes), sort_keys=True)
             if key in done:
