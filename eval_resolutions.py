@@ -10,8 +10,8 @@
 Writes to --out: accuracy.md (the table, also printed), accuracy.csv, accuracy.json (counts per
 cell and each run's metadata), accuracy.png, and with --plots learned_<run>.png per run; and
 cells.jsonl, each cell as it finishes: a killed sweep run again with the same --out evaluates only
-the cells it had not finished (a cell is reused only for the same weights, code, mode, size, data
-and packing). Bad input prints one line and exits 2.
+the cells it had not finished (a cell is reused only for the same weights, model config and
+test-time mode, code, size, data, packing, torch version and device). Bad input prints one line and exits 2.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ train.py's own final test accuracy. Every (run, pos_mode) pair is its own row of
 and JSON and its own line of the plot; an encoding whose two modes are the same is evaluated
 once ("both modes"). Bad input raises `SweepError` (one line for the CLI). With a `cells_file`,
 every finished cell is appended to it under a key of everything its counts depend on (the
-weights' and the code's digests, the mode, the size, the data, the packing), and cells already
+weights' and the code's digests, the model config with its test-time mode, the size, the data,
+the packing, torch and the device), and cells already
 there are not evaluated again: a killed sweep goes on where it stopped.
 """
 from __future__ import annotations
@@ -315,7 +316,7 @@ def read_cells(path: Path) -> dict[str, tuple[int, int]]:
     """key -> (correct, total) from a cells file; a line torn by a kill is skipped."""
     cells = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
                 cells[rec["key"]] = (int(rec["correct"]), int(rec["total"]))
@@ -345,6 +346,10 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
                   num_processes=accelerator.num_processes if accelerator is not None else 1, max_images=max_images)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     done = read_cells(cells_file) if cells_file is not None else {}
+    if cells_file is not None and sweep.num_processes > 1:  # every rank skips the cells the main process read
+        from accelerate.utils import broadcast_object_list
+
+        done = broadcast_object_list([done])[0]
     writer = cells_file is not None and (accelerator is None or accelerator.is_main_process)
     code = code_digest() if cells_file is not None else ""
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
@@ -357,9 +362,10 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
         data = data_stamp(ddir) if cells_file is not None else ""
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            key = json.dumps(dict(weights=weights, code=code, pos_mode=r.pos_mode, res=res_key(res), data=data,
-                                  tokens_per_batch=tpb, max_seq_len=max_seq_len, max_images=max_images,
-                                  precision=precision, processes=sweep.num_processes), sort_keys=True)
+            key = json.dumps(dict(weights=weights, model=model.config.to_dict(), code=code, torch=torch.__version__,
+                                  device=device.type, res=res_key(res), data=data, tokens_per_batch=tpb,
+                                  max_seq_len=max_seq_len, max_images=max_images, precision=precision,
+                                  processes=sweep.num_processes), sort_keys=True)
             if key in done:
                 sweep.cells[i, res] = done[key]
             else:

@@ -289,6 +289,26 @@ def test_a_killed_sweep_goes_on_where_it_stopped(runs, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("change", ["max_images", "tokens_per_batch", "max_seq_len", "model config"])
+def test_a_cell_is_reused_only_for_the_same_inputs(runs, tmp_path, monkeypatch, change):
+    from navit_pe import sweep as sw
+
+    calls = []
+    monkeypatch.setattr(sw, "evaluate", lambda *a, **k: calls.append(a[2]) or (1, 2))
+    cells_file = tmp_path / sw.CELLS_FILE
+    kw = dict(resolutions=[(16, 16)], cells_file=cells_file, progress=False)
+    sw.run_sweep([sw.load_run(runs["rope"])], **kw)
+    sw.run_sweep([sw.load_run(runs["rope"])], **kw)
+    assert len(calls) == 1  # the same inputs: taken from the file
+    run = sw.load_run(runs["rope"])
+    if change == "model config":  # e.g. config.json edited: not in the weights file
+        run.model.config.rope_base = run.model.config.rope_base * 2
+    else:
+        kw[change] = {"max_images": 7, "tokens_per_batch": 4096, "max_seq_len": 512}[change]
+    sw.run_sweep([run], **kw)
+    assert len(calls) == 2
+
+
 def test_the_cli_writes_every_cell(sweep_out):
     """eval_resolutions.py keeps its finished cells in --out (what a rerun after a kill reads)."""
     out, _ = sweep_out
