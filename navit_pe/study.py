@@ -448,7 +448,7 @@ def markdown(summary: dict, protocol: Protocol | None = None) -> str:
         lines += ["", "Highest accuracy per regime and size (each encoding in its better test-time mode); 'tied': the "
                   "others whose difference from it is no larger than the seed spread:", ""]
         for g in summary["leaders"]:
-            tied = ", ".join(f"{o['encoding']} {_pct(o)}" for o in g["others"] if o["verdict"] == "within spread")
+            tied = ", ".join(f"{o['encoding']} {_pct(o)}" for o in g["others"] if o["encoding"] in g["within_spread"])
             known = any(o["verdict"] != "one seed" for o in g["others"])
             lines.append(f"- {summary['regimes'][g['regime']]['label']}, {g['size']}: {g['encoding']} ({g['mode']}) "
                          f"{_pct(g)}" + (f"; tied: {tied}" if tied else "") + ("" if known else "; one seed each, no spread"))

@@ -132,6 +132,7 @@ class Run:
     label: str = ""
     pos_mode: str = "extrapolate"  # test-time position mode this entry is evaluated with
     modes_same: bool = False  # the encoding's two modes are identical: this entry stands for both
+    weights_digest: str = ""  # digest of the weights file's bytes as loaded (a sweep cell's key)
 
     @property
     def train_range(self) -> tuple[int, int]:
@@ -205,7 +206,7 @@ def load_run(path: str | Path) -> Run:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise SweepError(f"{weights} not found (no trained weights in {path})")
-    load_weights(model, weights)
+    digest = load_weights(model, weights)
     missing = [k for k in ("dataset", "data_root", "train_res") if k not in train]
     if missing:
         raise SweepError(f"{run_dir / 'train_config.json'} lacks {missing}")
@@ -216,21 +217,24 @@ def load_run(path: str | Path) -> Run:
     except ValueError as e:
         raise SweepError(f"{run_dir / 'train_config.json'}: {e}") from None
     model.eval()
-    return Run(path, run_dir, step, train, model)
+    return Run(path, run_dir, step, train, model, weights_digest=digest)
 
 
-def load_weights(model: NaViT, weights: Path) -> None:
+def load_weights(model: NaViT, weights: Path) -> str:
+    """Load `weights` into `model`; returns the digest of the bytes loaded (read once)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        model.load_state_dict(load_file(str(weights), device="cpu"))
+        data = weights.read_bytes()
+        model.load_state_dict(load(data))
     except (SafetensorError, OSError) as e:
         raise SweepError(f"cannot read {weights}: {e}") from None
     except RuntimeError as e:  # missing / unexpected keys, shape mismatches
         first = str(e).strip().splitlines()
         raise SweepError(f"{weights} does not fit the model of config.json: "
                          f"{' '.join(s.strip() for s in first[:2])}") from None
+    return _digest_bytes(data)
 
 
 def label_runs(runs: Sequence[Run]) -> None:
@@ -293,16 +297,16 @@ class Sweep:
 CELLS_FILE = "cells.jsonl"  # in eval_resolutions.py's --out: the finished cells of the sweep(s) there
 
 
-def _digest(paths: Sequence[Path]) -> str:
+def _digest_bytes(*chunks: bytes) -> str:
     h = hashlib.sha256()
-    for path in paths:
-        h.update(path.read_bytes())
+    for chunk in chunks:
+        h.update(chunk)
     return h.hexdigest()[:16]
 
 
 def code_digest() -> str:
     """A digest of the package's source: a changed model or evaluation gives new cell keys."""
-    return _digest(sorted(Path(__file__).resolve().parent.rglob("*.py")))
+    return _digest_bytes(*(p.read_bytes() for p in sorted(Path(__file__).resolve().parent.rglob("*.py"))))
 
 
 def data_stamp(ddir: Path) -> str:
@@ -345,27 +349,28 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
     sweep = Sweep(list(runs), list(resolutions),
                   num_processes=accelerator.num_processes if accelerator is not None else 1, max_images=max_images)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    done = read_cells(cells_file) if cells_file is not None else {}
-    if cells_file is not None and sweep.num_processes > 1:  # every rank skips the cells the main process read
+    keep = cells_file is not None  # finished cells are read from and written to cells_file
+    done = read_cells(cells_file) if keep else {}
+    if keep and sweep.num_processes > 1:  # every rank skips the cells the main process read
         from accelerate.utils import broadcast_object_list
 
         done = broadcast_object_list([done])[0]
-    writer = cells_file is not None and (accelerator is None or accelerator.is_main_process)
-    code = code_digest() if cells_file is not None else ""
+    writer = keep and (accelerator is None or accelerator.is_main_process)
+    code = code_digest() if keep else ""
+    stamps = {ddir: data_stamp(ddir) for ddir in set(ddirs)} if keep else {}
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
         model = r.model.to(device)
         model.set_pos_mode(r.pos_mode)
         tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
         precision = train_precision(r.train)
-        weights = _digest([r.path / "model.safetensors"]) if cells_file is not None else ""
-        data = data_stamp(ddir) if cells_file is not None else ""
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            key = json.dumps(dict(weights=weights, model=model.config.to_dict(), code=code, torch=torch.__version__,
-                                  device=device.type, res=res_key(res), data=data, tokens_per_batch=tpb,
-                                  max_seq_len=max_seq_len, max_images=max_images, precision=precision,
-                                  processes=sweep.num_processes), sort_keys=True)
+            key = json.dumps(dict(weights=r.weights_digest, model=model.config.to_dict(), code=code,
+                                  torch=torch.__version__, device=device.type, res=res_key(res),
+                                  data=stamps.get(ddir, ""), tokens_per_batch=tpb, max_seq_len=max_seq_len,
+                                  max_images=max_images, precision=precision, processes=sweep.num_processes),
+                             sort_keys=True)
             if key in done:
                 sweep.cells[i, res] = done[key]
             else:

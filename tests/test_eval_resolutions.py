@@ -289,6 +289,26 @@ def test_a_killed_sweep_goes_on_where_it_stopped(runs, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_cell_is_keyed_by_the_weights_loaded(runs, tmp_path, monkeypatch):
+    """A weights file replaced after loading: the cells are keyed by the bytes in the model, not by
+    the file's new content (which a later load evaluates afresh)."""
+    from navit_pe import sweep as sw
+
+    calls = []
+    monkeypatch.setattr(sw, "evaluate", lambda *a, **k: calls.append(a[2]) or (1, 2))
+    run_dir = tmp_path / "rope"
+    shutil.copytree(runs["rope"], run_dir)
+    kw = dict(resolutions=[(16, 16)], cells_file=tmp_path / sw.CELLS_FILE, progress=False)
+    loaded = sw.load_run(run_dir)
+    sw.run_sweep([loaded], **kw)
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    shutil.copyfile(ckpt / "model.safetensors", run_dir / "model.safetensors")  # other weights, same path
+    sw.run_sweep([loaded], **kw)
+    assert len(calls) == 1  # the model holds the weights already evaluated
+    sw.run_sweep([sw.load_run(run_dir)], **kw)
+    assert len(calls) == 2  # loaded again: the new weights are evaluated
+
+
 @pytest.mark.parametrize("change", ["max_images", "tokens_per_batch", "max_seq_len", "model config"])
 def test_a_cell_is_reused_only_for_the_same_inputs(runs, tmp_path, monkeypatch, change):
     from navit_pe import sweep as sw
