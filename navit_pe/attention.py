@@ -23,11 +23,14 @@ from .posenc import PosContext, PosEncoding
 
 
 def biased_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pe: PosEncoding, ctx: PosContext,
-                     layer: int) -> Tensor:
+                     layer: int, shared: PosContext | None = None) -> Tensor:
     """Explicit softmax attention over [B, h, L, d] with the encoding's additive bias on the
-    logits and its value term on the output; `mask` bool (True = may attend) or additive."""
+    logits and its value term on the output; `mask` bool (True = may attend) or additive.
+    `shared`: a one-row context that every row of `ctx` equals (`shared_row`); an encoding whose
+    bias reads positions only computes it there once, [1, h, L, L], broadcast to the B rows."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    bias = pe.attn_bias(q, ctx, layer)
+    one = shared is not None and pe.bias_from_positions
+    bias = pe.attn_bias(q[:1], shared, layer) if one else pe.attn_bias(q, ctx, layer)
     if bias is not None:
         scores = scores + bias
     if mask is not None:
@@ -37,6 +40,15 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pe: P
     if pe.value_term:
         out = out + pe.attn_value(probs, ctx, layer)
     return out
+
+
+def shared_row(ctx: PosContext) -> PosContext | None:
+    """The first row of a [B, L] context if every row has the same coordinates, grids, CLS slots,
+    padding and positions (images of one size, no per-image augmentation), else None."""
+    fields = (ctx.coords, ctx.grid, ctx.is_cls, ctx.image_ids >= 0, ctx.pos, ctx.scale)
+    if ctx.image_ids.shape[0] > 1 and all(bool((t == t[:1]).all()) for t in fields):
+        return ctx.map(lambda t: t[:1])
+    return None
 
 
 class Segments:
@@ -110,16 +122,17 @@ class Segments:
                          layer: int) -> Tensor:
         """q, k, v [S, h, d] -> [S, h*d] with `biased_attention`, bucket by bucket: per bucket the
         logits are [n_b, h, l_b, l_b], each image's own length squared, not L x L. `ctx` is the
-        slot-layout context; its bucket contexts are cut once and cached for every layer."""
+        slot-layout context; its bucket contexts (with their shared rows, if any) are cut once
+        and cached for every layer."""
         if "bucket_contexts" not in ctx.cache:
-            ctx.cache["bucket_contexts"] = self.bucket_contexts(ctx)
+            ctx.cache["bucket_contexts"] = [(c, shared_row(c)) for c in self.bucket_contexts(ctx)]
         h, d = q.shape[1:]
         sizes = [nb * lb for nb, lb, _ in self.buckets]
         outs = []
-        for (nb, lb, mask), c, qb, kb, vb in zip(self.buckets, ctx.cache["bucket_contexts"], q.split(sizes),
-                                                 k.split(sizes), v.split(sizes)):
+        for (nb, lb, mask), (c, shared), qb, kb, vb in zip(self.buckets, ctx.cache["bucket_contexts"],
+                                                           q.split(sizes), k.split(sizes), v.split(sizes)):
             qb, kb, vb = (t.view(nb, lb, h, d).transpose(1, 2) for t in (qb, kb, vb))  # "(n l) h d -> n h l d"
-            o = biased_attention(qb, kb, vb, mask, pe, c, layer)
+            o = biased_attention(qb, kb, vb, mask, pe, c, layer, shared)
             outs.append(o.transpose(1, 2).reshape(nb * lb, h * d))  # "n h l d -> (n l) (h d)"
         return torch.cat(outs)
 

@@ -5,7 +5,7 @@ import torch
 
 from navit_pe import POS_EMBEDS, NaViT, NaViTConfig, pack
 from navit_pe.model import fast_dropout
-from navit_pe.posenc import REGISTRY
+from navit_pe.posenc import REGISTRY, PosContext
 from navit_pe.posenc.rope import mixed_rotate, rotate_pair
 
 SMALL = dict(dim=32, depth=2, heads=2, num_classes=5, max_seq_len=64, pos_grid=4, max_grid=8)
@@ -223,6 +223,56 @@ def test_pairwise_bias_per_image_in_varlen(attention, monkeypatch):
         assert sum(s[0] for s in shapes) == len(ims) * m.config.depth  # every image once per layer
     else:
         assert {s[0] for s in shapes} == {batch.patches.shape[0]} and {s[2] for s in shapes} == {64}
+
+
+SHARED_BIAS = [n for n in POS_EMBEDS if REGISTRY[n].bias_from_positions]
+
+
+@pytest.mark.parametrize("pos", SHARED_BIAS)
+def test_a_bias_from_positions_reads_no_q(pos):
+    """The encodings that may share one bias across images (bias_from_positions) give the same
+    bias for any q: it reads the positions only."""
+    m = model(pos, "cls")
+    batch = pack(images(), 4, 64, cls_token=True)
+    ctx = PosContext(batch.coords, batch.grid, batch.is_cls, batch.image_ids)
+    g = torch.Generator().manual_seed(0)
+    b, n = ctx.image_ids.shape
+    q1, q2 = (torch.randn(b, m.config.heads, n, m.config.head_dim, generator=g) for _ in range(2))
+    assert torch.equal(m.pos.attn_bias(q1, ctx, 0), m.pos.attn_bias(q2, ctx, 0))
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+@pytest.mark.parametrize("pos", SHARED_BIAS)
+def test_a_shared_bias_equals_one_bias_per_image(pos, augmented, monkeypatch):
+    """Images of one size in one bucket share a single bias (computed on one row, broadcast); the
+    logits are those of one bias per image bit for bit, the gradients equal, and images of the
+    same length but another shape (2x3, 3x2), or with positions augmented per image, get their own."""
+    import navit_pe.attention as A
+
+    m = model(pos, "cls", varlen_granularity=1, dropout=0.0, coord_rescale=2.0 if augmented else 1.0)
+    m.train(augmented)
+    sizes = [(8, 12), (12, 8), (8, 12), (12, 12), (12, 12), (12, 12), (4, 4)]  # 2x3, 3x2, 2x3, 3x3 x3, 1x1
+    batch = pack(images(sizes=sizes), 4, 64, labels=[0, 1, 2, 3, 4, 0, 1], cls_token=True)
+    rows = []
+    hook = m.pos.attn_bias
+    monkeypatch.setattr(m.pos, "attn_bias", lambda q, ctx, layer: rows.append(q.shape[0]) or hook(q, ctx, layer))
+    results = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(A, "shared_row", lambda ctx: None)
+        rows.clear()
+        m.zero_grad()
+        torch.manual_seed(1)  # the same augmentation draws
+        out = m(batch)
+        torch.nn.functional.cross_entropy(out, batch.labels).backward()
+        results[shared] = (out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        per_layer = sorted(rows[: len(rows) // m.config.depth])
+        # buckets: length 7 (2x3, 3x2, 2x3 + CLS), 10 (three 3x3), 2 (1x1)
+        assert per_layer == ([1, 3, 3] if augmented or not shared else [1, 1, 3])
+    (out_s, grads_s), (out_e, grads_e) = results[True], results[False]
+    assert torch.equal(out_s, out_e)
+    for n, g in grads_e.items():
+        assert torch.allclose(grads_s[n], g, atol=1e-6, rtol=1e-5), n
 
 
 WIDENING = [n for n in POS_EMBEDS if REGISTRY[n].widens_attention]

@@ -38,6 +38,7 @@ class ALiBi2D(PosEncoding):
     name = "alibi_2d"
     cls_handling = CLS_FREE
     uses_bias = True
+    bias_from_positions = True
     relative = True
     mirror_symmetric = True  # Euclidean distance cannot tell left from right
 
@@ -47,5 +48,6 @@ class ALiBi2D(PosEncoding):
         self.register_buffer("slopes", 2.0 ** (-8.0 * k / cfg.heads), persistent=False)  # [heads]
 
     def attn_bias(self, q: Tensor, ctx: PosContext, layer: int) -> Tensor:
-        # "h, b 1 i j -> b h i j"
-        return -self.slopes.view(1, -1, 1, 1) * pair_distance(ctx)
+        if "alibi_bias" not in ctx.cache:  # the same in every layer: computed once per forward
+            ctx.cache["alibi_bias"] = -self.slopes.view(1, -1, 1, 1) * pair_distance(ctx)  # "h, b 1 i j -> b h i j"
+        return ctx.cache["alibi_bias"]

@@ -84,6 +84,8 @@ class PosEncoding(nn.Module):
     widens_attention: ClassVar[bool] = False  # bias and value term as extra channels of q, k, v (`widen`)
     same_in_both_modes: ClassVar[bool] = False  # pos_mode "interpolate" == "extrapolate" (grid-relative)
     mirror_symmetric: ClassVar[bool] = False  # a mirrored image gives the same logits (distance-only bias)
+    bias_from_positions: ClassVar[bool] = False  # attn_bias reads the context only (q for its device): images
+    # with the same positions share one bias, computed once per bucket of them and broadcast
 
     def __init__(self, cfg: NaViTConfig):
         super().__init__()

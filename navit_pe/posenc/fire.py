@@ -38,6 +38,7 @@ class FIRE2D(PosEncoding):
     name = "fire_2d"
     cls_handling = CLS_FREE
     uses_bias = True
+    bias_from_positions = True
     relative = True
 
     def __init__(self, cfg: NaViTConfig):

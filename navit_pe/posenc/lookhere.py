@@ -31,6 +31,7 @@ class LookHere(PosEncoding):
     name = "lookhere"
     cls_handling = "unrestricted: no direction mask and no distance penalty on pairs with a CLS query or key"
     uses_bias = True
+    bias_from_positions = True
     relative = True
 
     def __init__(self, cfg: NaViTConfig):
