@@ -26,11 +26,11 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pe: P
                      layer: int, shared: PosContext | None = None) -> Tensor:
     """Explicit softmax attention over [B, h, L, d] with the encoding's additive bias on the
     logits and its value term on the output; `mask` bool (True = may attend) or additive.
-    `shared`: a one-row context that every row of `ctx` equals (`shared_row`); an encoding whose
-    bias reads positions only computes it there once, [1, h, L, L], broadcast to the B rows."""
+    `shared`: a one-row context that every row of `ctx` equals (`shared_row`), given only for an
+    encoding whose bias reads positions alone: its bias is computed there once, [1, h, L, L], and
+    broadcast to the B rows."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    one = shared is not None and pe.bias_from_positions
-    bias = pe.attn_bias(q[:1], shared, layer) if one else pe.attn_bias(q, ctx, layer)
+    bias = pe.attn_bias(q, ctx, layer) if shared is None else pe.attn_bias(q[:1], shared, layer)
     if bias is not None:
         scores = scores + bias
     if mask is not None:
@@ -125,7 +125,8 @@ class Segments:
         slot-layout context; its bucket contexts (with their shared rows, if any) are cut once
         and cached for every layer."""
         if "bucket_contexts" not in ctx.cache:
-            ctx.cache["bucket_contexts"] = [(c, shared_row(c)) for c in self.bucket_contexts(ctx)]
+            ctx.cache["bucket_contexts"] = [(c, shared_row(c) if pe.bias_from_positions else None)
+                                            for c in self.bucket_contexts(ctx)]
         h, d = q.shape[1:]
         sizes = [nb * lb for nb, lb, _ in self.buckets]
         outs = []

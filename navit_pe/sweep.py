@@ -132,7 +132,7 @@ class Run:
     label: str = ""
     pos_mode: str = "extrapolate"  # test-time position mode this entry is evaluated with
     modes_same: bool = False  # the encoding's two modes are identical: this entry stands for both
-    weights_digest: str = ""  # digest of the weights file's bytes as loaded (a sweep cell's key)
+    weights_digest: str = ""  # digest of the weights file's bytes as loaded (a sweep cell's key); "": hash the file
 
     @property
     def train_range(self) -> tuple[int, int]:
@@ -228,7 +228,7 @@ def load_weights(model: NaViT, weights: Path) -> str:
     try:
         data = weights.read_bytes()
         model.load_state_dict(load(data))
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, KeyError) as e:  # KeyError: a dtype safetensors' torch loader lacks
         raise SweepError(f"cannot read {weights}: {e}") from None
     except RuntimeError as e:  # missing / unexpected keys, shape mismatches
         first = str(e).strip().splitlines()
@@ -364,9 +364,10 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
         model.set_pos_mode(r.pos_mode)
         tpb = tokens_per_batch or train_tokens_per_batch(r.train, model.config)
         precision = train_precision(r.train)
+        weights = (r.weights_digest or _digest_bytes((r.path / "model.safetensors").read_bytes())) if keep else ""
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            key = json.dumps(dict(weights=r.weights_digest, model=model.config.to_dict(), code=code,
+            key = json.dumps(dict(weights=weights, model=model.config.to_dict(), code=code,
                                   torch=torch.__version__, device=device.type, res=res_key(res),
                                   data=stamps.get(ddir, ""), tokens_per_batch=tpb, max_seq_len=max_seq_len,
                                   max_images=max_images, precision=precision, processes=sweep.num_processes),

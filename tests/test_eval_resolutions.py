@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,8 @@ def test_a_cell_is_keyed_by_the_weights_loaded(runs, tmp_path, monkeypatch):
     kw = dict(resolutions=[(16, 16)], cells_file=tmp_path / sw.CELLS_FILE, progress=False)
     loaded = sw.load_run(run_dir)
     sw.run_sweep([loaded], **kw)
+    sw.run_sweep([replace(loaded, weights_digest="")], **kw)  # a Run built elsewhere: the file is hashed
+    assert len(calls) == 1
     ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     shutil.copyfile(ckpt / "model.safetensors", run_dir / "model.safetensors")  # other weights, same path
     sw.run_sweep([loaded], **kw)
