@@ -607,6 +607,25 @@ def git_repo_of(path: Path) -> Path | None:
     return Path(proc.stdout.strip()) if proc.returncode == 0 else None
 
 
+def ignored_files(folder: Path) -> list[str]:
+    """Files under `folder` that git ignores (so would never commit), relative to the work tree."""
+    repo = git_repo_of(folder)
+    if repo is None:
+        return []
+    rel = str(folder.resolve().relative_to(repo.resolve()))
+    out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", rel], cwd=repo,
+                         capture_output=True, text=True).stdout
+    return out.splitlines()
+
+
+def git_ignores(path: Path) -> bool:
+    """True when `path` (its folder must exist) lies in a git work tree whose ignore rules match it."""
+    repo = git_repo_of(path.parent)
+    if repo is None or not path.resolve().is_relative_to(repo.resolve()):
+        return False
+    return subprocess.run(["git", "check-ignore", "-q", "--", str(path.resolve())], cwd=repo).returncode == 0
+
+
 def git_commit_dir(folder: Path, message: str) -> bool:
     """Commit everything new or changed under `folder` (and nothing else that is staged), retrying
     while another git command holds the lock; True when there is nothing left to commit there.
@@ -615,6 +634,11 @@ def git_commit_dir(folder: Path, message: str) -> bool:
     if repo is None:
         return False
     rel = str(folder.resolve().relative_to(repo.resolve()))
+    hidden = ignored_files(folder)
+    if hidden:  # `git add` would pass over them without a word: the records would live only here
+        print(f"study: could not commit {rel}: {hidden[0]}{f' and {len(hidden) - 1} more' if len(hidden) > 1 else ''}"
+              f" ignored by git (.gitignore)", file=sys.stderr)
+        return False
     proc = None
     for _ in range(5):
         add = subprocess.run(["git", "add", "-A", "--", rel], cwd=repo, capture_output=True, text=True)
@@ -647,19 +671,32 @@ def is_stale(rec: dict, p: Protocol) -> bool:
 
 def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict], jobs: int = 1) -> float | None:
     """Estimated wall-clock seconds for the runs in `todo` at the pace of the recorded ones, `jobs`
-    at a time: a run costs the mean (training epochs + sweep) of the recorded runs of its regime,
-    or, for a regime with none recorded yet, the mean seconds per epoch of all records times its
-    epochs plus the mean sweep; the sum is divided by `jobs`. None without records."""
-    cost = [(r["spec"]["regime"], r.get("epoch_s", 0.0), len(r["epochs"]), r.get("sweep_s", 0.0)) for r in records]
-    if not cost or not sum(n for _, _, n, _ in cost):
+    at a time: a run costs the mean (training epochs + sweep) of the recorded runs of its regime
+    and encoding, else of its regime (an encoding's sweep can cost 3x another's), or, for a regime
+    with none recorded yet, the mean seconds per epoch of all records times its epochs plus the
+    mean sweep; the sum is divided by `jobs`. None without records."""
+    cost = [(r["spec"]["regime"], r["spec"]["encoding"], r.get("epoch_s", 0.0), len(r["epochs"]),
+             r.get("sweep_s", 0.0)) for r in records]
+    if not cost or not sum(c[3] for c in cost):
         return None
-    per_epoch = sum(e for _, e, _, _ in cost) / sum(n for _, _, n, _ in cost)
-    sweep = statistics.fmean(w for *_, w in cost)
+    per_epoch = sum(c[2] for c in cost) / sum(c[3] for c in cost)
+    sweep = statistics.fmean(c[4] for c in cost)
     total = 0.0
     for spec in todo:
-        same = [e + w for reg, e, _, w in cost if reg == spec.regime]
+        same = ([e + w for reg, enc, e, _, w in cost if (reg, enc) == (spec.regime, spec.encoding)]
+                or [e + w for reg, _, e, _, w in cost if reg == spec.regime])
         total += statistics.fmean(same) if same else per_epoch * regime_epochs(p.regimes[spec.regime]) + sweep
     return total / jobs
+
+
+def first_that_fits(p: Protocol, queue: Sequence[RunSpec], records: Sequence[dict], seconds: float) -> int | None:
+    """Index of the first run in `queue` that, at the pace of `records` (`time_left`), ends within
+    `seconds`; a run with no estimate counts as fitting. None if none fits."""
+    for k, spec in enumerate(queue):
+        need = time_left(p, [spec], records)
+        if need is None or need <= seconds:
+            return k
+    return None
 
 
 def _hours_left(p: Protocol, todo: Sequence[RunSpec], root: Path, jobs: int) -> str:
@@ -705,6 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "go to WORK/<protocol>/ (default: the repository's runs/study/)")
     ap.add_argument("--only", default=None, help="comma list of run-name patterns, e.g. 'mix__rope__*' (default: all)")
     ap.add_argument("--max-runs", type=int, default=0, help="stop after recording this many runs (0: no limit)")
+    ap.add_argument("--hours", type=float, default=0,
+                    help="work about this long: start no run that, at the pace of the recorded runs of its regime "
+                         "and encoding, would end later (a run with no estimate yet starts), so that a session "
+                         "cut off at a known time loses no half-trained run (0: no limit)")
     ap.add_argument("--jobs", default="auto",
                     help="runs trained side by side, the CPU cores shared out among them; auto: 2 on a machine "
                          "without a GPU and at least 2 cores (two 1-thread runs do ~1.6x the work of one 2-thread "
@@ -724,6 +765,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(args.results).resolve() / p.name
         if args.max_runs < 0:
             raise UsageError(f"--max-runs must be 0 (no limit) or positive, got {args.max_runs}")
+        if not args.hours >= 0:
+            raise UsageError(f"--hours must be 0 (no limit) or positive, got {args.hours}")
+        deadline = time.time() + args.hours * 3600 if args.hours else None
         specs = select(p, args.only)
         if args.list:
             for s in specs:
@@ -751,8 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"uncommitted changes to {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}: "
                              f"commit them first so that every record names the code it ran (or --allow-dirty)")
         check_out_dir(root / "runs", "--results")
-        work = check_out_dir(Path(args.work).resolve() / p.name, "--work")
         commit = not args.no_git_commit
+        if commit and git_ignores(record_path(root, specs[0])):
+            raise UsageError(f"git ignores {record_path(root, specs[0])}, so no record would be committed: "
+                             f"change .gitignore (or pass --no-git-commit)")
+        work = check_out_dir(Path(args.work).resolve() / p.name, "--work")
         if commit and (root / "runs").is_dir():  # records written just before an earlier run was killed
             git_commit_dir(root, f"study {p.name}: records left uncommitted by an earlier call")
         for s in specs:
@@ -769,7 +816,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with forward_signals(), ThreadPoolExecutor(jobs) as pool:  # Ctrl-C / kill: every train.py checkpoints
             while queue or running:
                 while queue and len(running) < jobs and not (failure or signal_forwarded()):
-                    i, s = queue.pop(0)
+                    k = 0 if deadline is None else first_that_fits(p, [s for _, s in queue], load_records(root),
+                                                                     deadline - time.time())
+                    if k is None:
+                        print(f"study: {len(queue)} runs left, none would end within --hours {args.hours:g}; "
+                              f"run the same command again to continue", flush=True)
+                        queue.clear()
+                        break
+                    i, s = queue.pop(k)
                     where = f" (output: {work / s.name / 'study.log'})" if jobs > 1 else ""
                     print(f"[{i}/{len(todo)}] {s.name}{where}", flush=True)
                     running[pool.submit(run_one, p, s, work, jobs=jobs, threads=threads)] = (i, s)

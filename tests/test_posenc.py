@@ -102,6 +102,20 @@ def test_packed_equals_single_image(name, pool):
     assert (packed - alone).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("attention", ["dense", "varlen"])
+@pytest.mark.parametrize("name", POS_EMBEDS)
+def test_evaluation_equals_the_training_path(name, attention):
+    """Without autograd an encoding's bias goes to SDPA's kernel as a float mask; with autograd
+    the explicit softmax runs. Same model, same packed batch (padding and several sizes): same logits."""
+    model = tiny_model(name, patch_size=2, max_seq_len=80, attention=attention)
+    torch.manual_seed(1)
+    batch = model.pack([torch.randn(3, h, w) for h, w in SIZES])
+    with torch.no_grad():
+        fast = model(batch)
+    slow = model(batch)
+    assert slow.requires_grad and (fast - slow).abs().max().item() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- any grid
 VARIANTS = [(n, {}) for n in POS_EMBEDS] + [
     ("factorized", {"factorized_mode": "concat"}),

@@ -224,6 +224,12 @@ def test_tiny_protocol_end_to_end(tiny_shards, tmp_path, monkeypatch, capfd, job
     assert cells.read_text().splitlines() == [*lines, "a line of the earlier sweep"]
     assert json.loads((results / "tiny" / "runs" / f"{spec.name}.json").read_text())["sweep"]["resolutions"] == [
         "16x16", "32x32", "16x32"]
+    # --hours: a run that would end after the limit (at the pace of the records) is not started
+    (results / "tiny" / "runs" / f"{spec.name}.json").unlink()
+    capfd.readouterr()
+    assert study.main([*args, "--hours", "0.000001"]) == 0
+    assert "1 runs left, none would end within --hours 1e-06" in capfd.readouterr().out
+    assert not (results / "tiny" / "runs" / f"{spec.name}.json").exists()
 
 
 def test_time_left_at_the_pace_of_the_recorded_runs():
@@ -238,12 +244,22 @@ def test_time_left_at_the_pace_of_the_recorded_runs():
     # mix: (660 + 240) / 2 = 450; ref32_10ep: (630 + 210) / 7 epochs = 120 s an epoch, x 10 + 30 = 1230
     left = [RunSpec("relative", "mix", 1), RunSpec("learned_1d", "ref32_10ep", 0)]
     assert study.time_left(p, left, recs) == pytest.approx(450 + 1230)
+    assert study.time_left(p, [RunSpec("rope", "mix", 2)], recs) == pytest.approx(660)  # its own encoding's pace
+    assert study.time_left(p, left, recs, jobs=2) == pytest.approx((450 + 1230) / 2)
+    # --hours: the first run that would end in time starts; none fits -> None; no records: any fits
+    queue = [RunSpec("rope", "mix", 2), RunSpec("relative", "mix", 1), RunSpec("x", "ref32_10ep", 0)]
+    assert study.first_that_fits(p, queue, recs, 500) == 1
+    assert study.first_that_fits(p, queue, recs, 700) == 0
+    assert study.first_that_fits(p, queue[2:], recs, 1229) is None
+    assert study.first_that_fits(p, queue, recs, 100) is None
+    assert study.first_that_fits(p, queue, [], 1) == 0
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--protocol", "nope"], "unknown protocol 'nope'; choose one of cpu-short, reference"),
     (["--only", "nothing*"], "matches no run of cpu-short"),
     (["--max-runs", "-1"], "--max-runs must be 0"),
+    (["--hours", "-2"], "--hours must be 0"),
 ])
 def test_bad_input_one_line(argv, message, capfd, tmp_path):
     assert study.main([*argv, "--results", str(tmp_path)]) == 2
@@ -317,6 +333,28 @@ def test_git_commit_dir_commits_only_the_folder(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}_outside"
     outside.mkdir()
     assert not study.git_commit_dir(outside, "x")  # not in a git work tree: nothing to commit to
+
+
+def test_records_that_git_ignores_are_refused(tmp_path, capfd):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("runs/\n")  # unanchored: matches results/p/runs/ as well
+    root = tmp_path / "results" / "p"
+    study.write_json(root / "runs" / "a.json", {"x": 1})
+    assert study.git_ignores(root / "runs" / "b.json")
+    assert not study.git_commit_dir(root, "record a")
+    assert "results/p/runs/a.json ignored by git" in capfd.readouterr().err
+    argv = ["--results", str(tmp_path / "results"), "--work", str(tmp_path / "w"), "--allow-dirty"]
+    assert study.main(argv) == 2  # refused before anything trains
+    err = capfd.readouterr().err
+    assert "git ignores" in err and "no record would be committed" in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+    (tmp_path / ".gitignore").write_text("/runs/\n")
+    assert not study.git_ignores(root / "runs" / "b.json")
+    # this repository: the records of every protocol are committed, the training runs/ are not
+    assert not study.git_ignores(study.REPO / "results" / "cpu-short" / "runs" / "x.json")
+    assert study.git_ignores(study.REPO / "runs" / "x.json") or not (study.REPO / "runs").is_dir()
 
 
 def test_cpu_short_protocol_covers_the_issue():
