@@ -2,7 +2,8 @@
 
 alibi_2d, lookhere and fire_2d add a bias to the attention logits, so their attention cannot run
 on the plain flash kernel. This times one sweep batch (the batch `eval_resolutions.py` evaluates
-at that size, packed as evaluation packs it, bf16 autocast as the study's runs evaluate) three ways, taking turns, and prints the median of the timed repeats:
+at that size, packed as evaluation packs it, bf16 autocast as the study's runs evaluate) three
+ways, taking turns, and prints the median of the timed repeats:
 
 - per-image: the explicit softmax, each image's bias computed for itself;
 - shared: the explicit softmax, one bias for the images of one size in a bucket, broadcast

@@ -607,12 +607,8 @@ def git_repo_of(path: Path) -> Path | None:
     return Path(proc.stdout.strip()) if proc.returncode == 0 else None
 
 
-def ignored_files(folder: Path) -> list[str]:
-    """Files under `folder` that git ignores (so would never commit), relative to the work tree."""
-    repo = git_repo_of(folder)
-    if repo is None:
-        return []
-    rel = str(folder.resolve().relative_to(repo.resolve()))
+def ignored_files(repo: Path, rel: str) -> list[str]:
+    """Files under `rel` (a folder of the work tree `repo`) that git ignores, so would never commit."""
     out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", rel], cwd=repo,
                          capture_output=True, text=True).stdout
     return out.splitlines()
@@ -634,7 +630,7 @@ def git_commit_dir(folder: Path, message: str) -> bool:
     if repo is None:
         return False
     rel = str(folder.resolve().relative_to(repo.resolve()))
-    hidden = ignored_files(folder)
+    hidden = ignored_files(repo, rel)
     if hidden:  # `git add` would pass over them without a word: the records would live only here
         print(f"study: could not commit {rel}: {hidden[0]}{f' and {len(hidden) - 1} more' if len(hidden) > 1 else ''}"
               f" ignored by git (.gitignore)", file=sys.stderr)
