@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from navit_pe.study import load_records
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,8 +37,7 @@ def main() -> int:
             for seed, acc in zip(cell["seeds"], cell["values"]):
                 earlier.setdefault((row["encoding"], row["regime"], row["mode"], seed), {})[size] = acc
     worst = 0.0
-    for path in sorted((ROOT / "results" / args.protocol / "runs").glob("*.json")):
-        rec = json.loads(path.read_text())
+    for rec in load_records(ROOT / "results" / args.protocol):
         spec = rec["spec"]
         for mode, cells in rec["sweep"]["modes"].items():
             old = earlier.get((spec["encoding"], spec["regime"], mode, spec["seed"]))
