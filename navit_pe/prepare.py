@@ -16,6 +16,7 @@ leaves a shard or a meta.json that looks whole. The CLI is ``data/prepare_cifar.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -33,6 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (one process at a time is then up to the user)
+    fcntl = None
+
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -40,6 +46,7 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "data"
 SOURCE_ENV = "NAVIT_PE_CIFAR_SOURCE"  # overrides the default source (used by tests)
+LOCK_FILE = ".prepare.lock"  # in the output directory, held while preparing (see exclusive)
 SLEEP_ENV = "NAVIT_PE_PREPARE_SLEEP"  # seconds to sleep per sample (tests kill a run mid-way)
 META_VERSION = 1
 ORDER_SEED = 0  # samples are written in a fixed pseudo-random order so shards mix classes
@@ -125,13 +132,17 @@ def prepare(source: str | Path, out: str | Path = DEFAULT_OUT, dataset: str | No
     out = Path(out)
     files = source_files(Path(source))
     fingerprint = _fingerprint(files)
-    if not force:
-        done = _find_up_to_date(out, fingerprint, shard_size, dataset)
-        if done is not None:
-            print(f"{done.name}: up to date ({done / 'meta.json'})")
-            return done
+    with exclusive(out):
+        if not force:
+            done = _find_up_to_date(out, fingerprint, shard_size, dataset)
+            if done is not None:
+                print(f"{done.name}: up to date ({done / 'meta.json'})")
+                return done
+        return _write(out, open_source(files, dataset), fingerprint, shard_size, progress)
 
-    src = open_source(files, dataset)
+
+def _write(out: Path, src: Source, fingerprint: dict, shard_size: int, progress: bool) -> Path:
+    """Write `src`'s shards and meta.json under `out`/<dataset> (the caller holds `exclusive(out)`)."""
     ddir = out / src.dataset
     ddir.mkdir(parents=True, exist_ok=True)
     # From here on the old meta.json no longer describes the directory: drop it first.
@@ -152,6 +163,24 @@ def prepare(source: str | Path, out: str | Path = DEFAULT_OUT, dataset: str | No
     counts = ", ".join(f"{n} {split}" for split, n in meta["counts"].items())
     print(f"{src.dataset}: wrote {counts} samples to {ddir}")
     return ddir
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold `out`/.prepare.lock while checking and writing prepared data. Two processes that
+    prepare the same directory at once (two study runs side by side, or the ranks of a
+    multi-process run, on a fresh checkout) would otherwise delete and rename each other's
+    temporary shards; the second now waits, then finds the data up to date. The lock goes with
+    the process, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that prepares data under {out}", file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def default_source() -> Path:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from PIL import Image
 from tqdm import tqdm
 
-from .prepare import (DEFAULT_OUT, META_VERSION, DataError, Record, Source, _atomic_write, _find_up_to_date,
+from .prepare import (DEFAULT_OUT, META_VERSION, DataError, Record, Source, _atomic_write, _find_up_to_date, exclusive,
                       _safe_key, _write_order, write_splits)
 
 EXTS = ("jpg", "jpeg", "png", "webp")  # what navit_pe.data decodes
@@ -85,12 +85,18 @@ def prepare_images(source: str | Path, name: str, out: str | Path = DEFAULT_OUT,
         raise DataError(f"--shard-size must be a positive number of samples, got {shard_size}")
     source, out = Path(source), Path(out)
     files, dirs, fingerprint = _read_tree(source)
-    if not force:
-        done = _find_up_to_date(out, fingerprint, shard_size, name)
-        if done is not None:
-            print(f"{done.name}: up to date ({done / 'meta.json'})")
-            return done
+    with exclusive(out):  # one process at a time writes under `out`
+        if not force:
+            done = _find_up_to_date(out, fingerprint, shard_size, name)
+            if done is not None:
+                print(f"{done.name}: up to date ({done / 'meta.json'})")
+                return done
+        return _write(source, name, out, files, dirs, fingerprint, shard_size, progress)
 
+
+def _write(source: Path, name: str, out: Path, files: list[_File], dirs: set[str], fingerprint: dict,
+           shard_size: int, progress: bool) -> Path:
+    """Scan the tree and write its shards and meta.json (the caller holds `exclusive(out)`)."""
     classes, images, skipped = _scan(source, files, dirs, progress)
     src = Source(name, "image-folder", classes, {s: len(v) for s, v in images.items()},
                  _records(images))

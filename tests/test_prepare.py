@@ -149,6 +149,21 @@ def test_interrupted_prepare_leaves_no_whole_looking_shard(tmp_path, tiny_image_
     assert assert_meta_consistent(ddir)["counts"] == {"train": 60, "test": 30}
 
 
+def test_two_processes_preparing_at_once_both_succeed(tmp_path, tiny_image_tree):
+    # two study runs (or two ranks) on a fresh checkout prepare the same directory at once:
+    # the second waits for the first, then finds the data up to date
+    out = tmp_path / "out"
+    args = [sys.executable, str(PREPARE_SCRIPT), "--source", str(tiny_image_tree[0]),
+            "--out", str(out), "--shard-size", "4", "--quiet"]
+    env = {**os.environ, SLEEP_ENV: "0.01"}  # 90 samples x 0.01 s: the two overlap
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=60), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert sum("up to date" in o for _, o, _ in results) == 1  # one wrote, the other waited and found it
+    assert assert_meta_consistent(out / "cifar10")["counts"] == {"train": 60, "test": 30}
+
+
 def test_download_checks_md5(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
