@@ -9,8 +9,9 @@ A cell is (correct, total) over the whole test split with every image resized to
 packed as in training (`navit_pe.evaluate.evaluate`), so the cell at a run's eval_res equals
 train.py's own final test accuracy. Every (run, pos_mode) pair is its own row of the table, CSV
 and JSON and its own line of the plot; an encoding whose two modes are the same is evaluated
-once ("both modes"). Bad input raises `SweepError` (one line for the CLI). With a `cells_file`,
-every finished cell is appended to it under a key of everything its counts depend on (the
+once ("both modes"), and an interpolate cell whose grid lies inside the trained extent is taken
+from the extrapolate cell of the same weights (interpolation moves no position there). Bad input
+raises `SweepError` (one line for the CLI). With a `cells_file`, every finished cell is appended to it under a key of everything its counts depend on (the
 weights' and the code's digests, the model config with its test-time mode, the size, the data,
 the packing, torch and the device), and cells already
 there are not evaluated again: a killed sweep goes on where it stopped.
@@ -336,6 +337,16 @@ def append_cell(path: Path, key: str, counts: tuple[int, int]) -> None:
         f.write((("\n" if torn else "") + json.dumps(dict(key=key, correct=counts[0], total=counts[1])) + "\n").encode())
 
 
+def same_as_extrapolate(model, res: Column) -> bool:
+    """Whether pos_mode "interpolate" evaluates `res` exactly as "extrapolate" does: a fixed size
+    whose grid fits inside the trained extent (or a model that never recorded one) has no position
+    to move (`positions.interpolate`; tests/test_positions.py checks the logits are equal)."""
+    if isinstance(res, Budget):  # grids vary with each image's aspect ratio
+        return False
+    extent, p = model.pos.trained_extent, model.config.patch_size
+    return not bool((extent > 0).all()) or (res[0] // p <= extent[0] and res[1] // p <= extent[1])
+
+
 def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator=None, data_root: str | None = None,
               max_seq_len: int | None = None, tokens_per_batch: int | None = None, max_images: int = 0,
               num_workers: int = 0, progress: bool = True, cells_file: Path | None = None) -> Sweep:
@@ -359,6 +370,7 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
     code = code_digest() if keep else ""
     stamps = {ddir: data_stamp(ddir) for ddir in set(ddirs)} if keep else {}
     bar = tqdm(total=len(runs) * len(resolutions), disable=not progress, dynamic_ncols=True, desc="eval")
+    evaluated: dict[tuple[int, str, str], tuple[int, int]] = {}  # (model's id, size, mode) -> counts, this sweep
     for i, (r, ddir) in enumerate(zip(runs, ddirs)):
         model = r.model.to(device)
         model.set_pos_mode(r.pos_mode)
@@ -367,13 +379,18 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
         weights = (r.weights_digest or _digest_bytes((r.path / "model.safetensors").read_bytes())) if keep else ""
         for res in resolutions:
             bar.set_description(f"{r.label} {res_key(res)}")
-            key = json.dumps(dict(weights=weights, model=model.config.to_dict(), code=code,
+            same = r.pos_mode == "interpolate" and same_as_extrapolate(model, res)
+            mode = "extrapolate" if same else r.pos_mode  # the cell this one is
+            memo = (id(r.model), res_key(res), mode)
+            key = json.dumps(dict(weights=weights, model={**model.config.to_dict(), "pos_mode": mode}, code=code,
                                   torch=torch.__version__, device=device.type, res=res_key(res),
                                   data=stamps.get(ddir, ""), tokens_per_batch=tpb, max_seq_len=max_seq_len,
                                   max_images=max_images, precision=precision, processes=sweep.num_processes),
                              sort_keys=True)
             if key in done:
                 sweep.cells[i, res] = done[key]
+            elif memo in evaluated:
+                sweep.cells[i, res] = evaluated[memo]
             else:
                 sweep.cells[i, res] = evaluate(model, ddir, size_policy(res, model.config.patch_size),
                                                tokens_per_batch=tpb, max_seq_len=max_seq_len, accelerator=accelerator,
@@ -381,6 +398,7 @@ def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator
                                                max_images=max_images)
                 if writer:
                     append_cell(cells_file, key, sweep.cells[i, res])
+            evaluated[memo] = sweep.cells[i, res]
             bar.update(1)
         r.model.to("cpu")
     bar.close()

@@ -241,6 +241,38 @@ def test_max_images_takes_the_first_n(runs, sweep_out, tmp_path):
     assert proc.returncode == 2 and "--max-images" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("order", [("extrapolate", "interpolate"), ("interpolate", "extrapolate")])
+def test_interpolate_inside_the_trained_extent_is_the_extrapolate_cell(runs, tmp_path, monkeypatch, order):
+    """rope @16:32 (trained extent 8x8 patches): sizes whose grid fits are evaluated once for both
+    modes, in either order, also through the cells file; a size one patch beyond is evaluated per
+    mode. The counts stand in for evaluate() and differ per mode, so a cell shared wrongly shows."""
+    from navit_pe import sweep as sw
+
+    calls = []
+
+    def counts(model, data, size, **kw):
+        calls.append((model.config.pos_mode, size))
+        return size[0] * 100 + size[1] + (5000 if model.config.pos_mode == "interpolate" else 0), 10000
+
+    monkeypatch.setattr(sw, "evaluate", counts)
+    rows = sw.expand_modes([sw.load_run(runs["rope"])], list(order))
+    inside, beyond = [(8, 8), (32, 32), (16, 32)], [(32, 36), (36, 16)]
+    ext, itp = (0, 1) if order[0] == "extrapolate" else (1, 0)  # rows' indices
+    sweep = sw.run_sweep(rows, inside + beyond, progress=False)
+    assert len(calls) == len(inside) + 2 * len(beyond)
+    for res in inside:
+        assert sweep.cells[itp, res] == sweep.cells[ext, res]
+    for res in beyond:
+        assert sweep.cells[itp, res] != sweep.cells[ext, res]
+    cells_file = tmp_path / sw.CELLS_FILE
+    calls.clear()
+    assert sw.run_sweep(rows, inside + beyond, progress=False, cells_file=cells_file).cells == sweep.cells
+    assert len(calls) == len(sw.read_cells(cells_file)) == len(inside) + 2 * len(beyond)
+    calls.clear()
+    assert sw.run_sweep(rows, inside + beyond, progress=False, cells_file=cells_file).cells == sweep.cells
+    assert calls == []
+
+
 def test_a_killed_sweep_goes_on_where_it_stopped(runs, tmp_path, monkeypatch):
     """Killed after 2 of 6 cells, the same sweep again evaluates only the other 4 and ends with the
     counts of an uninterrupted sweep; a line torn by the kill is skipped; other weights are
@@ -250,7 +282,7 @@ def test_a_killed_sweep_goes_on_where_it_stopped(runs, tmp_path, monkeypatch):
 
     cells_file = tmp_path / sw.CELLS_FILE
     rows = sw.expand_modes([sw.load_run(runs["rope"])], ["extrapolate", "interpolate"])
-    resolutions = [(8, 8), (16, 16), (16, 64)]
+    resolutions = [(8, 40), (40, 8), (16, 64)]  # each beyond the trained 32x32: the modes differ
     calls = []
 
     def counts(model, data, size, **kw):  # (correct, total) unique to (mode, size)
