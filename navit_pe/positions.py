@@ -57,8 +57,15 @@ def record_extent(extent: Tensor, ctx: PosContext) -> None:
         torch.maximum(extent, ctx.pos[patch].amax(0) + 1, out=extent)
 
 
+def interpolation_moves(grid: tuple[int, int], trained: Tensor) -> bool:
+    """Whether `interpolate` moves any position of an (h, w) patch grid: only an axis beyond the
+    trained extent `trained` [2] is scaled, and nothing before training recorded an extent."""
+    return bool((trained > 0).all()) and (grid[0] > trained[0] or grid[1] > trained[1])
+
+
 def interpolate(ctx: PosContext, trained: Tensor) -> PosContext:
-    """Scale each image's axis whose grid exceeds the trained extent `trained` [2] onto it."""
+    """Scale each image's axis whose grid exceeds the trained extent `trained` [2] onto it
+    (`interpolation_moves` says whether a grid is touched)."""
     if not bool((trained > 0).all()):  # never trained: nothing to interpolate to
         return ctx
     n = int(ctx.image_ids.max()) + 1 if ctx.image_ids.numel() else 0

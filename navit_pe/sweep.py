@@ -11,10 +11,10 @@ train.py's own final test accuracy. Every (run, pos_mode) pair is its own row of
 and JSON and its own line of the plot; an encoding whose two modes are the same is evaluated
 once ("both modes"), and an interpolate cell whose grid lies inside the trained extent is taken
 from the extrapolate cell of the same weights (interpolation moves no position there). Bad input
-raises `SweepError` (one line for the CLI). With a `cells_file`, every finished cell is appended to it under a key of everything its counts depend on (the
-weights' and the code's digests, the model config with its test-time mode, the size, the data,
-the packing, torch and the device), and cells already
-there are not evaluated again: a killed sweep goes on where it stopped.
+raises `SweepError` (one line for the CLI). With a `cells_file`, every finished cell is appended
+to it under a key of everything its counts depend on (the weights' and the code's digests, the
+model config with its test-time mode, the size, the data, the packing, torch and the device), and
+cells already there are not evaluated again: a killed sweep goes on where it stopped.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from .config import NaViTConfig
 from .data import DataError, ensure_prepared
 from .evaluate import evaluate
 from .model import NaViT
-from .positions import POS_MODES
+from .positions import POS_MODES, interpolation_moves
 from .transforms import TokenBudget, parse_aspect, parse_res, parse_resize
 
 Res = tuple[int, int]  # (h, w) in pixels
@@ -339,12 +339,11 @@ def append_cell(path: Path, key: str, counts: tuple[int, int]) -> None:
 
 def same_as_extrapolate(model, res: Column) -> bool:
     """Whether pos_mode "interpolate" evaluates `res` exactly as "extrapolate" does: a fixed size
-    whose grid fits inside the trained extent (or a model that never recorded one) has no position
-    to move (`positions.interpolate`; tests/test_positions.py checks the logits are equal)."""
+    whose patch grid interpolation does not move (tests/test_positions.py checks the logits are equal)."""
     if isinstance(res, Budget):  # grids vary with each image's aspect ratio
         return False
-    extent, p = model.pos.trained_extent, model.config.patch_size
-    return not bool((extent > 0).all()) or (res[0] // p <= extent[0] and res[1] // p <= extent[1])
+    p = model.config.patch_size
+    return not interpolation_moves((res[0] // p, res[1] // p), model.pos.trained_extent)
 
 
 def run_sweep(runs: Sequence[Run], resolutions: Sequence[Column], *, accelerator=None, data_root: str | None = None,
