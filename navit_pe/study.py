@@ -147,12 +147,11 @@ class StudyError(UsageError):
 
 
 def git_commit_id(repo: Path = REPO) -> str:
+    """HEAD of `repo`, '+dirty' when its code has uncommitted changes (`code_changes`)."""
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     if out.returncode != 0:
         return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                           text=True).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
+    return out.stdout.strip() + ("+dirty" if code_changes(repo) else "")
 
 
 def train_command(p: Protocol, spec: RunSpec, run_dir: Path, python: str, extra: Sequence[str] = ()) -> list[str]:
@@ -653,10 +652,12 @@ def git_commit_dir(folder: Path, message: str) -> bool:
 
 
 def code_changes(repo: Path = REPO) -> list[str]:
-    """Tracked files with uncommitted changes, outside results/ (a run must name the code it ran)."""
+    """Tracked files with uncommitted changes, other than results/ and Markdown (a run must name the
+    code it ran; the study writes results/ while runs train, and docs change nothing that runs)."""
     out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
                          text=True).stdout
-    return [line[3:] for line in out.splitlines() if line[3:] and not line[3:].startswith("results/")]
+    return [f for f in (line[3:] for line in out.splitlines()) if f and not f.startswith("results/")
+            and not f.endswith(".md")]
 
 
 def is_stale(rec: dict, p: Protocol) -> bool:
@@ -665,31 +666,47 @@ def is_stale(rec: dict, p: Protocol) -> bool:
     return reg is None or list(reg.args) != list(rec["regime"]["args"])
 
 
-def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict], jobs: int = 1) -> float | None:
-    """Estimated wall-clock seconds for the runs in `todo` at the pace of the recorded ones, `jobs`
-    at a time: a run costs the mean (training epochs + sweep) of the recorded runs of its regime
-    and encoding, else of its regime (an encoding's sweep can cost 3x another's), or, for a regime
-    with none recorded yet, the mean seconds per epoch of all records times its epochs plus the
-    mean sweep; the sum is divided by `jobs`. None without records."""
-    cost = [(r["spec"]["regime"], r["spec"]["encoding"], r.get("epoch_s", 0.0), len(r["epochs"]),
-             r.get("sweep_s", 0.0)) for r in records]
-    if not cost or not sum(c[3] for c in cost):
+SIDE_BY_SIDE = 1.6  # two 1-thread runs on a 2-core CPU do ~1.6x the work of one 2-thread run (measured)
+
+
+def pace_scale(rec_jobs: int, jobs: int) -> float:
+    """Factor from the wall-clock seconds of a run made beside rec_jobs - 1 others to those of the
+    same run made beside jobs - 1 others: alone (2 threads) a run takes 1.6 / 2 = 0.8x as long as
+    beside another (1 thread each, SIDE_BY_SIDE). Other pairs are not measured: 1.0."""
+    alone = SIDE_BY_SIDE / 2
+    return {(2, 1): alone, (1, 2): 1 / alone}.get((rec_jobs, jobs), 1.0)
+
+
+def run_seconds(p: Protocol, spec: RunSpec, records: Sequence[dict], jobs: int = 1) -> float | None:
+    """Estimated wall-clock seconds of one run, made `jobs` side by side, at the pace of `records`:
+    the mean (training epochs + sweep) of the recorded runs of its regime and encoding, else of its
+    regime (an encoding's sweep can cost 3x another's), or, for a regime with none recorded yet, the
+    mean seconds per epoch of all records times its epochs plus the mean sweep. Each record's
+    seconds are first brought to `jobs` side by side (`pace_scale`). None without records."""
+    cost = [(r["spec"]["regime"], r["spec"]["encoding"], len(r["epochs"]),
+             pace_scale(r.get("jobs", jobs), jobs), r.get("epoch_s", 0.0), r.get("sweep_s", 0.0)) for r in records]
+    if not cost or not sum(c[2] for c in cost):
         return None
-    per_epoch = sum(c[2] for c in cost) / sum(c[3] for c in cost)
-    sweep = statistics.fmean(c[4] for c in cost)
-    total = 0.0
-    for spec in todo:
-        same = ([e + w for reg, enc, e, _, w in cost if (reg, enc) == (spec.regime, spec.encoding)]
-                or [e + w for reg, _, e, _, w in cost if reg == spec.regime])
-        total += statistics.fmean(same) if same else per_epoch * regime_epochs(p.regimes[spec.regime]) + sweep
-    return total / jobs
+    per_epoch = sum(k * e for _, _, _, k, e, _ in cost) / sum(c[2] for c in cost)
+    sweep = statistics.fmean(k * w for *_, k, _, w in cost)
+    same = ([k * (e + w) for reg, enc, _, k, e, w in cost if (reg, enc) == (spec.regime, spec.encoding)]
+            or [k * (e + w) for reg, _, _, k, e, w in cost if reg == spec.regime])
+    return statistics.fmean(same) if same else per_epoch * regime_epochs(p.regimes[spec.regime]) + sweep
 
 
-def first_that_fits(p: Protocol, queue: Sequence[RunSpec], records: Sequence[dict], seconds: float) -> int | None:
-    """Index of the first run in `queue` that, at the pace of `records` (`time_left`), ends within
-    `seconds`; a run with no estimate counts as fitting. None if none fits."""
+def time_left(p: Protocol, todo: Sequence[RunSpec], records: Sequence[dict], jobs: int = 1) -> float | None:
+    """Estimated wall-clock seconds for the runs in `todo`, `jobs` at a time (`run_seconds` each,
+    the sum divided by `jobs`). None without records."""
+    each = [run_seconds(p, spec, records, jobs) for spec in todo]
+    return None if None in each or not each else sum(each) / jobs
+
+
+def first_that_fits(p: Protocol, queue: Sequence[RunSpec], records: Sequence[dict], seconds: float,
+                    jobs: int = 1) -> int | None:
+    """Index of the first run in `queue` that, made `jobs` side by side at the pace of `records`
+    (`run_seconds`), ends within `seconds`; a run with no estimate counts as fitting. None if none fits."""
     for k, spec in enumerate(queue):
-        need = time_left(p, [spec], records)
+        need = run_seconds(p, spec, records, jobs)
         if need is None or need <= seconds:
             return k
     return None
@@ -813,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             while queue or running:
                 while queue and len(running) < jobs and not (failure or signal_forwarded()):
                     k = 0 if deadline is None else first_that_fits(p, [s for _, s in queue], load_records(root),
-                                                                     deadline - time.time())
+                                                                     deadline - time.time(), jobs)
                     if k is None:
                         print(f"study: {len(queue)} runs left, none would end within --hours {args.hours:g}; "
                               f"run the same command again to continue", flush=True)

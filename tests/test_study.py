@@ -253,6 +253,16 @@ def test_time_left_at_the_pace_of_the_recorded_runs():
     assert study.first_that_fits(p, queue[2:], recs, 1229) is None
     assert study.first_that_fits(p, queue, recs, 100) is None
     assert study.first_that_fits(p, queue, [], 1) == 0
+    # a record made beside another run (2 x 1 thread) counts 0.8x for a run made alone (2 threads),
+    # one made alone 1.25x for a run made beside another; records that do not say count as made so
+    recs[0]["jobs"] = recs[1]["jobs"] = 2
+    assert study.run_seconds(p, RunSpec("rope", "mix", 2), recs, jobs=2) == pytest.approx(660)
+    assert study.run_seconds(p, RunSpec("rope", "mix", 2), recs, jobs=1) == pytest.approx(0.8 * 660)
+    assert study.time_left(p, left, recs, jobs=1) == pytest.approx(0.8 * (450 + 1230))
+    assert study.first_that_fits(p, queue, recs, 600, jobs=2) == 1  # rope 660 s, relative 450 s
+    assert study.first_that_fits(p, queue, recs, 600, jobs=1) == 0  # rope alone 528 s
+    recs[0]["jobs"] = 1
+    assert study.run_seconds(p, RunSpec("rope", "mix", 2), recs, jobs=2) == pytest.approx(1.25 * 660)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -333,6 +343,33 @@ def test_git_commit_dir_commits_only_the_folder(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}_outside"
     outside.mkdir()
     assert not study.git_commit_dir(outside, "x")  # not in a git work tree: nothing to commit to
+
+
+def test_commit_id_is_dirty_only_for_code(tmp_path):
+    """A record names HEAD, +dirty only when code changed: the study's own records and summary
+    (results/) and the docs (Markdown) change while runs train and do not make it dirty."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    for f in ("train.py", "README.md", "results/p/summary.md", "results/p/runs/a.json"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("v1")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    head = git("rev-parse", "HEAD").strip()
+    for f in ("README.md", "results/p/summary.md", "results/p/runs/a.json"):
+        (tmp_path / f).write_text("v2")
+    (tmp_path / "new.py").write_text("untracked")
+    assert study.code_changes(tmp_path) == []
+    assert study.git_commit_id(tmp_path) == head
+    (tmp_path / "train.py").write_text("v2")
+    assert study.code_changes(tmp_path) == ["train.py"]
+    assert study.git_commit_id(tmp_path) == head + "+dirty"
 
 
 def test_records_that_git_ignores_are_refused(tmp_path, capfd):
