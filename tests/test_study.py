@@ -321,15 +321,21 @@ def test_killed_before_results_json(tiny_shards, tmp_path):
     assert json.loads((run / "results.json").read_text()) == first and "test_acc" in first
 
 
-def test_git_commit_dir_commits_only_the_folder(tmp_path):
+@pytest.fixture
+def git(tmp_path):
+    """A new git repository in tmp_path, with a committer; returns git(*args) -> stdout, run there."""
     import subprocess
 
-    def git(*a):
+    def run(*a):
         return subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
 
-    git("init", "-q")
-    git("config", "user.email", "t@example.com")
-    git("config", "user.name", "t")
+    run("init", "-q")
+    run("config", "user.email", "t@example.com")
+    run("config", "user.name", "t")
+    return run
+
+
+def test_git_commit_dir_commits_only_the_folder(tmp_path, git):
     (tmp_path / "other.txt").write_text("staged elsewhere")
     git("add", "other.txt")
     root = tmp_path / "results" / "p"
@@ -345,17 +351,9 @@ def test_git_commit_dir_commits_only_the_folder(tmp_path):
     assert not study.git_commit_dir(outside, "x")  # not in a git work tree: nothing to commit to
 
 
-def test_commit_id_is_dirty_only_for_code(tmp_path):
+def test_commit_id_is_dirty_only_for_code(tmp_path, git):
     """A record names HEAD, +dirty only when code changed: the study's own records and summary
     (results/) and the docs (Markdown) change while runs train and do not make it dirty."""
-    import subprocess
-
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@example.com")
-    git("config", "user.name", "t")
     for f in ("train.py", "README.md", "results/p/summary.md", "results/p/runs/a.json"):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("v1")
