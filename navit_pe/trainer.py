@@ -290,7 +290,9 @@ class StopOnSignal:
     (not the same signal delivered twice, e.g. to a process group and by a parent) stops at once."""
 
     def __init__(self):
-        self.signum, self.at, self.saved = 0, 0.0, {}
+        self.received = 0  # the signal this process received (0: none), set by the handler at any moment
+        self.signum = 0  # the stop that every process agreed on in requested() (0: none yet)
+        self.at, self.saved = 0.0, {}
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -302,8 +304,8 @@ class StopOnSignal:
             signal.signal(s, handler)
 
     def handle(self, signum: int, frame) -> None:
-        if not self.signum:
-            self.signum, self.at = signum, time.monotonic()
+        if not self.received:
+            self.received, self.at = signum, time.monotonic()
             # os.write, not print: a handler must not re-enter a buffered write it interrupted
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step's checkpoint "
                         f"(a second signal stops at once)\n".encode())
@@ -312,13 +314,17 @@ class StopOnSignal:
 
     def requested(self, accelerator) -> int:
         """The signal that asks to stop (0: none), the same on every process: a signal to one
-        of them stops all after the same step."""
+        of them stops all after the same step. Only the all-reduced value is returned: a signal that
+        lands here after the flag was sent waits for the next call on every process alike."""
+        agreed = self.received
         if accelerator.num_processes > 1:
-            flag = torch.tensor(self.signum, device=accelerator.device)
+            flag = torch.tensor(agreed, device=accelerator.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if not self.signum and flag.item():  # another process's signal: a request as if received here
-                self.signum, self.at = int(flag.item()), time.monotonic()
-        return self.signum
+            agreed = int(flag.item())
+            if agreed and not self.received:  # another process's signal: a request as if received here
+                self.received, self.at = agreed, time.monotonic()
+        self.signum = agreed
+        return agreed
 
 
 def list_checkpoints(run: Path) -> list[Path]:

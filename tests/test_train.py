@@ -150,6 +150,32 @@ def test_two_processes_stop_together_on_a_signal_to_one(tiny_shards, tmp_path):
     assert (run / "checkpoints" / f"step_{n:08d}").is_dir() and not (run / "model.safetensors").exists()
 
 
+def test_stop_request_is_the_one_all_processes_agreed_on(monkeypatch):
+    """A signal that lands while the stop flags are being all-reduced must not stop its process alone:
+    the other process sent 0 and trains on, and the two would wait in different collectives for ever.
+    The request counts from the next all-reduce, on both; another process's signal counts here too."""
+    import signal
+    import types
+
+    import torch
+
+    from navit_pe.trainer import StopOnSignal
+
+    two = types.SimpleNamespace(num_processes=2, device="cpu")
+    stop = StopOnSignal()  # no handlers installed: the test delivers the "signal" by calling handle()
+
+    def all_reduce_while_signalled(flag, op):  # the other process's flag is 0: the MAX is this one's
+        stop.handle(signal.SIGTERM, None)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce_while_signalled)
+    assert stop.requested(two) == 0 and stop.signum == 0  # this step's flags were both 0
+    assert stop.requested(two) == signal.SIGTERM == stop.signum  # the next step's carries it
+
+    other = StopOnSignal()  # the process that was not signalled
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op: flag.fill_(int(signal.SIGTERM)))
+    assert other.requested(two) == signal.SIGTERM == other.signum == other.received
+
+
 @pytest.mark.parametrize("args, match", [
     (["--pos-embed", "sinus"], "unknown --pos-embed 'sinus'; choose one of: none, "),
     (["--train-res", "30"], "multiple"),
